@@ -1,0 +1,1 @@
+"""llm-bip: structured pruning of LLMs with the LLM-BIP block-output importance metric."""
