@@ -241,7 +241,9 @@ def evaluate_zero_shot(
         try:
             loaded = manager.load(list(keys.values()))
         except Exception as e:
-            where = "its local file" if files else "the Hugging Face hub (offline? pass a task data directory)"
+            where = (
+                "its local file" if files else "the Hugging Face hub (offline? pass a task data directory)"
+            )
             raise LlmBipError(
                 f"lm-eval could not load the task data from {where}: {type(e).__name__}: {e}"
             ) from e
