@@ -1,0 +1,39 @@
+"""Model-family adapters: the only place that knows family specifics."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from llm_bip.adapters.base import BlockParts, FamilyAdapter
+from llm_bip.adapters.llama import LlamaAdapter
+from llm_bip.adapters.mistral import MistralAdapter
+from llm_bip.adapters.qwen2 import Qwen2Adapter
+from llm_bip.adapters.qwen3 import Qwen3Adapter
+from llm_bip.errors import LlmBipError
+
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def base_model_type(config) -> str:
+    """The stock family of a config; pruned non-uniform configs record it as `base_model_type`."""
+    return getattr(config, "base_model_type", None) or config.model_type
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    model_type = base_model_type(model.config)
+    for adapter_cls in ADAPTERS:
+        if model_type in adapter_cls.model_types:
+            adapter = adapter_cls()
+            try:
+                adapter.check_supported(model)
+            except ValueError as exc:
+                raise LlmBipError(f"unsupported {model_type} variant: {exc}") from None
+            return adapter
+    raise LlmBipError(
+        f"unsupported architecture '{model_type}': llm-bip supports {', '.join(SUPPORTED_MODEL_TYPES)} "
+        "(LLaMA 1/2/3, Vicuna, SmolLM2, Mistral, Qwen2, Qwen3)"
+    )
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "BlockParts", "FamilyAdapter", "adapter_for", "base_model_type"]

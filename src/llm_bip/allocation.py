@@ -1,0 +1,209 @@
+"""Allocators: how many heads, KV groups and channels each block keeps, to an exact parameter target.
+
+- uniform: the same fraction of head units and of channels in every prunable block;
+- block-adaptive: every prunable block gives up the same number of parameters, choosing between
+  heads and channels by score per parameter (needs scores in one unit, as LLM-BIP's are);
+- global-adaptive: one model-wide pool ranked by score per parameter, each block's scores divided by
+  its output norm ||y||_F (relative change), with at most `max_block_ratio` of any block removed.
+
+Every allocator removes head units greedily and then fills the rest of the target with channels, so
+the adaptive allocators land within one channel's parameters of the target (within `round_to`
+channels when widths are rounded); uniform keeps every prunable block at the same width, so it lands
+within one channel per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llm_bip.errors import LlmBipError
+from llm_bip.params import BlockCosts
+from llm_bip.plan import GQA_MODES, BlockWidths
+from llm_bip.scoring.base import BlockScores
+
+ALLOCATIONS = ("uniform", "block-adaptive", "global-adaptive")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    strategy: str = "uniform"
+    gqa_mode: str = "kv-groups"
+    prunable_layers: tuple[int, ...] | None = None  # None = every block
+    round_to: int = 1  # kept FFN widths rounded to a multiple of this
+    head_ratio: float | None = None  # uniform only: fraction of head units to remove (None = solved)
+    max_block_ratio: float = 0.9  # global-adaptive: most of a block's prunable parameters it may lose
+
+
+@dataclass
+class _HeadUnits:
+    count: int  # head units in the block
+    cost: int  # parameters of one unit
+    per_unit: BlockWidths  # heads, kv heads removed per unit
+
+
+def head_units(costs: BlockCosts, gqa_mode: str) -> _HeadUnits:
+    group_size = costs.num_heads // costs.num_kv_heads
+    if gqa_mode == "kv-groups":
+        return _HeadUnits(costs.num_kv_heads, group_size * costs.head + costs.kv, BlockWidths(group_size, 1, 0))
+    if gqa_mode == "query-heads":
+        return _HeadUnits(group_size, costs.num_kv_heads * costs.head, BlockWidths(costs.num_kv_heads, 0, 0))
+    raise LlmBipError(f"unknown GQA mode '{gqa_mode}': use one of {', '.join(GQA_MODES)}")
+
+
+def allocate(
+    costs: list[BlockCosts], target_removed: int, config: AllocationConfig, scores: list[BlockScores] | None = None
+) -> list[BlockWidths]:
+    """Widths per block that remove `target_removed` parameters (within one channel's parameters)."""
+    layers = list(range(len(costs))) if config.prunable_layers is None else sorted(config.prunable_layers)
+    if not layers:
+        raise LlmBipError("no prunable layers: widen the layer range")
+    units = [head_units(costs[i], config.gqa_mode) for i in range(len(costs))]
+    most = sum(costs[i].prunable - units[i].cost - costs[i].channel for i in layers)
+    if target_removed < 0 or target_removed > most:
+        raise LlmBipError(
+            f"cannot remove {target_removed:,} parameters from the prunable blocks (at most {most:,} while "
+            "keeping one head unit and one channel per block): lower the ratio or widen the layer range"
+        )
+    if config.strategy == "uniform":
+        removed = _uniform(costs, units, layers, target_removed, config)
+    elif config.strategy in ("block-adaptive", "global-adaptive"):
+        if scores is None:
+            raise LlmBipError(f"{config.strategy} allocation needs scores")
+        removed = _adaptive(costs, units, layers, target_removed, config, scores)
+    else:
+        raise LlmBipError(f"unknown allocation '{config.strategy}': use one of {', '.join(ALLOCATIONS)}")
+    if config.round_to > 1:
+        removed = _round_channels(costs, units, removed, target_removed, config.round_to, layers)
+    return [_widths(costs[i], units[i], *removed[i]) for i in range(len(costs))]
+
+
+def _widths(costs: BlockCosts, units: _HeadUnits, head_units_removed: int, channels_removed: int) -> BlockWidths:
+    return BlockWidths(
+        costs.num_heads - head_units_removed * units.per_unit.num_heads,
+        costs.num_kv_heads - head_units_removed * units.per_unit.num_kv_heads,
+        costs.channels - channels_removed,
+    )
+
+
+def _fill_channels(costs, layers, removed, remaining: int) -> None:
+    """Spread `remaining` parameters over the layers' channels as evenly as the widths allow."""
+    channel_cost = costs[layers[0]].channel
+    total = round(remaining / channel_cost)
+    free = {i: costs[i].channels - 1 - removed[i][1] for i in layers}
+    while total > 0:
+        open_layers = [i for i in layers if free[i] > 0]
+        if not open_layers:
+            raise LlmBipError("the target needs more channels than the prunable blocks have: lower the ratio")
+        share, extra = divmod(total, len(open_layers))
+        for rank, i in enumerate(open_layers):
+            take = min(free[i], share + (1 if rank < extra else 0))
+            removed[i][1] += take
+            free[i] -= take
+            total -= take
+
+
+def _uniform(costs, units, layers, target, config) -> dict[int, list[int]]:
+    prunable = sum(costs[i].prunable for i in layers)
+    ratio = config.head_ratio if config.head_ratio is not None else target / prunable
+    removed = {i: [0, 0] for i in range(len(costs))}
+    for i in layers:
+        removed[i][0] = min(units[i].count - 1, round(ratio * units[i].count))
+    # Rounding heads up can overshoot a small target: give head units back until it fits.
+    for i in reversed(layers):
+        while sum(units[j].cost * removed[j][0] for j in layers) > target and removed[i][0] > 0:
+            removed[i][0] -= 1
+    heads = sum(units[i].cost * removed[i][0] for i in layers)
+    # Uniform means the same width in every prunable block (so the stock config can describe it):
+    # the channel count per block is rounded, which puts the total within one channel per block.
+    per_block = round((target - heads) / (costs[layers[0]].channel * len(layers)))
+    for i in layers:
+        removed[i][1] = min(per_block, costs[i].channels - 1)
+    return removed
+
+
+def _adaptive(costs, units, layers, target, config, scores) -> dict[int, list[int]]:
+    removed = {i: [0, 0] for i in range(len(costs))}
+    global_pool = config.strategy == "global-adaptive"
+    candidates = []
+    for i in layers:
+        norm = scores[i].output_norm if global_pool else 1.0
+        norm = norm or 1.0
+        for rank, value in enumerate(_unit_scores(scores[i], config.gqa_mode, units[i])):
+            candidates.append((value / (units[i].cost * norm), i, "head", rank))
+        for k, value in enumerate(scores[i].channels.tolist()):
+            candidates.append((value / (costs[i].channel * norm), i, "channel", k))
+    candidates.sort(key=lambda c: (c[0], c[1], c[3]))
+    if global_pool:
+        cap = {i: config.max_block_ratio * costs[i].prunable for i in layers}
+        _greedy(candidates, costs, units, removed, target, cap)
+    else:
+        share, extra = divmod(target, len(layers))
+        carry = 0
+        for n, i in enumerate(layers):
+            # What a block leaves unspent (less than a channel) moves on, so the total stays exact.
+            budget = share + (1 if n < extra else 0) + carry
+            carry = budget - _greedy([c for c in candidates if c[1] == i], costs, units, removed, budget, None)
+    heads = sum(units[i].cost * removed[i][0] for i in layers)
+    channels = sum(costs[i].channel * removed[i][1] for i in layers)
+    _fill_channels(costs, layers, removed, target - heads - channels)
+    return removed
+
+
+def _greedy(candidates, costs, units, removed, budget: int, cap) -> int:
+    """Take the least important structures first while they fit the budget; returns parameters taken.
+    Head units of a block go in rank order (weakest first), and one head unit always stays."""
+    spent = 0
+    block_spent: dict[int, int] = {}
+    smallest = min((costs[c[1]].channel for c in candidates), default=0)
+    for _value, i, kind, _rank in candidates:
+        if budget - spent < smallest:
+            break
+        cost = units[i].cost if kind == "head" else costs[i].channel
+        if spent + cost > budget:
+            continue
+        if cap is not None and block_spent.get(i, 0) + cost > cap[i]:
+            continue
+        if kind == "head":
+            if removed[i][0] >= units[i].count - 1:
+                continue
+            removed[i][0] += 1
+        else:
+            if removed[i][1] >= costs[i].channels - 1:
+                continue
+            removed[i][1] += 1
+        spent += cost
+        block_spent[i] = block_spent.get(i, 0) + cost
+    return spent
+
+
+def _unit_scores(scores: BlockScores, gqa_mode: str, units: _HeadUnits) -> list[float]:
+    """Score of removing the 1st, 2nd, ... head unit of a block, weakest first."""
+    if gqa_mode == "kv-groups":
+        return sorted(scores.groups.tolist())
+    group_size = units.count
+    per_group = scores.heads.reshape(-1, group_size).sort(dim=1).values  # [kv, group_size] ascending
+    # A stripe takes the r-th weakest head of every group; their output changes add in quadrature.
+    return per_group.pow(2).sum(0).sqrt().tolist()
+
+
+def _round_channels(costs, units, removed, target, multiple, layers) -> dict[int, list[int]]:
+    for i in layers:
+        kept = costs[i].channels - removed[i][1]
+        kept = max(multiple, multiple * round(kept / multiple))
+        removed[i][1] = costs[i].channels - min(kept, costs[i].channels)
+
+    def total() -> int:
+        return sum(units[i].cost * removed[i][0] + costs[i].channel * removed[i][1] for i in layers)
+
+    step = costs[layers[0]].channel * multiple
+    # Move whole multiples between blocks until the total is as close to the target as the grid allows.
+    for n in range(10 * len(layers)):
+        gap = target - total()
+        if abs(gap) <= step / 2:
+            break
+        i = layers[n % len(layers)]
+        if gap > 0 and costs[i].channels - removed[i][1] - multiple >= multiple:
+            removed[i][1] += multiple
+        elif gap < 0 and removed[i][1] >= multiple:
+            removed[i][1] -= multiple
+    return removed

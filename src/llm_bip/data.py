@@ -1,0 +1,142 @@
+"""Text sources for calibration and evaluation, and seeded calibration samples.
+
+A source is a name (`wikipedia`, `lee`, `wikitext2`, `ptb`, `c4`) or a local .txt/.raw/.json/.jsonl file.
+`wikipedia` and `lee` are real English text shipped in the `gensim` wheel, so the default works offline;
+the hub names use the real `datasets` loading code and fail with a clear message when offline.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llm_bip.errors import LlmBipError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION = "wikipedia"
+HUB_SOURCES = ("wikitext2", "ptb", "c4")
+OFFLINE_SOURCES = ("wikipedia", "lee")
+_WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def load_text(source: str | os.PathLike, split: str = "train") -> str:
+    """The whole text of a source as one string; `split` picks train or test for hub sources."""
+    name = str(source)
+    if name in OFFLINE_SOURCES:
+        return _gensim_text(name)
+    if name in HUB_SOURCES:
+        return _hub_text(name, split)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise LlmBipError(
+            f"text source '{name}' is neither a file nor a known name ({', '.join(OFFLINE_SOURCES + HUB_SOURCES)})"
+        )
+    return _file_text(path)
+
+
+def _file_text(path: Path) -> str:
+    if path.is_dir():
+        raise LlmBipError(f"{path} is a directory: pass a .txt, .raw, .json or .jsonl file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LlmBipError(f"{path} is not UTF-8 text") from None
+    if path.suffix in (".jsonl", ".json"):
+        return _json_text(path, raw)
+    # Paragraph breaks as in the field's WikiText-2 protocol: non-empty lines joined by a blank line.
+    return "\n\n".join(line.strip() for line in raw.splitlines() if line.strip())
+
+
+def _json_text(path: Path, raw: str) -> str:
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            records = json.loads(raw)
+            records = records if isinstance(records, list) else [records]
+    except json.JSONDecodeError as exc:
+        raise LlmBipError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    texts = []
+    for record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LlmBipError(f"{path}: every record needs a string field 'text'")
+        texts.append(record["text"])
+    return "\n\n".join(t for t in texts if t.strip())
+
+
+def _hub_text(name: str, split: str) -> str:
+    try:
+        import datasets
+
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            lines = ds["text"]
+        elif name == "ptb":
+            ds = datasets.load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=split)
+            lines = ds["sentence"]
+        else:
+            files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+            split = "validation" if split == "test" else split
+            ds = datasets.load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+            lines = ds["text"][:20000]
+    except Exception as exc:  # noqa: BLE001  (network, cache and schema errors all mean "not available")
+        raise LlmBipError(
+            f"cannot load '{name}' through datasets ({type(exc).__name__}); offline, pass a local text file "
+            f"instead, or use one of {', '.join(OFFLINE_SOURCES)} for calibration"
+        ) from None
+    return "\n\n".join(line.strip() for line in lines if line.strip())
+
+
+def _gensim_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmBipError("the offline calibration text comes with gensim: run `pip install gensim`")
+    return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+
+
+def _gensim_text(name: str) -> str:
+    folder = _gensim_dir()
+    if name == "lee":
+        return _file_text(folder / "lee_background.cor")
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles = []
+    with bz2.open(folder / _WIKI_DUMP, "rb") as dump:
+        for _title, markup, _page_id in extract_pages(dump):
+            plain = filter_wiki(markup)
+            paragraphs = [p.strip() for p in plain.split("\n") if len(p.strip()) > 80]
+            if not markup.lstrip().lower().startswith("#redirect") and paragraphs:
+                articles.append("\n\n".join(paragraphs))
+    return "\n\n".join(articles)
+
+
+def calibration_samples(
+    tokenizer: PreTrainedTokenizerBase, text: str, num_samples: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
+    """`num_samples` random windows of `seq_len` tokens from `text` (as Wanda and SparseGPT draw them)."""
+    if num_samples < 1 or seq_len < 2:
+        raise LlmBipError("calibration needs at least 1 sample of at least 2 tokens")
+    ids = tokenize(tokenizer, text)
+    if ids.numel() <= seq_len:
+        raise LlmBipError(
+            f"calibration text has {ids.numel()} tokens, fewer than one sample of {seq_len}: "
+            "give a longer text or a shorter --seq-len"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    if not text.strip():
+        raise LlmBipError("the text is empty: give a file with some text in it")
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]

@@ -1,0 +1,65 @@
+"""Perplexity as the field reports it: non-overlapping windows of `seq_len` tokens over the test text
+(non-empty lines joined by a blank line), exp of the mean window loss. bf16 by default on CPU."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from llm_bip.data import load_text, tokenize
+from llm_bip.errors import LlmBipError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_context(model: nn.Module, dtype: str):
+    """Run in `dtype` without touching the stored weights (autocast), so an fp32 model stays fp32."""
+    param_dtype = next(model.parameters()).dtype
+    if DTYPES[dtype] == param_dtype or DTYPES[dtype] == torch.float32:
+        return nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=DTYPES[dtype])
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int = 2048,
+    max_windows: int | None = None, batch_size: int = 1, dtype: str = "bfloat16", progress: bool = True,
+    ids: torch.Tensor | None = None,
+) -> dict:
+    """Perplexity of `model` on the test split of `source` (a name or a local text file)."""
+    if dtype not in DTYPES:
+        raise LlmBipError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    if ids is None:
+        ids = tokenize(tokenizer, load_text(source, split="test"))
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise LlmBipError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows:
+        windows = min(windows, max_windows)
+    data = ids[: windows * seq_len].view(windows, seq_len)
+    device = next(model.parameters()).device
+    losses = []
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    with compute_context(model, dtype):
+        for i in tqdm(range(0, windows, batch_size), desc=f"perplexity {source}@{seq_len}", disable=not progress,
+                      leave=False):
+            batch = data[i : i + batch_size].to(device)
+            logits = model(batch, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+            losses += loss.view(batch.shape[0], -1).mean(1).tolist()
+    model.train(was_training)
+    mean = sum(losses) / len(losses)
+    return {
+        "source": str(source), "seq_len": seq_len, "windows": windows, "tokens": windows * seq_len,
+        "perplexity": math.exp(mean), "dtype": dtype, "seconds": time.perf_counter() - start,
+    }

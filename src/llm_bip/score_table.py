@@ -1,0 +1,91 @@
+"""Scores of a whole model, saved once and re-planned to any ratio without running the model again.
+
+The file is safetensors (no pickle): one tensor per block and structure, and a JSON header with the
+model's fingerprint, the scorer and its options, the calibration, and each block's parameter costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from llm_bip.adapters import FamilyAdapter
+from llm_bip.errors import LlmBipError
+from llm_bip.params import BlockCosts
+from llm_bip.scoring.base import BlockScores
+
+
+def model_fingerprint(model: nn.Module, adapter: FamilyAdapter) -> str:
+    """Architecture, widths and a checksum of a few weights: equal only for the same model."""
+    head_dim = adapter.head_dim(model)
+    blocks = adapter.blocks(model)
+    digest = hashlib.sha256()
+    digest.update(f"{model.config.model_type}|{model.config.hidden_size}|{len(blocks)}".encode())
+    for block in blocks:
+        digest.update(str(adapter.widths(block, head_dim)).encode())
+    for linear in (adapter.parts(blocks[0]).o_proj, adapter.parts(blocks[-1]).down_proj):
+        digest.update(f"{float(linear.weight.float().abs().sum()):.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class ScoreTable:
+    scores: list[BlockScores]
+    costs: list[BlockCosts]
+    fingerprint: str
+    method: str
+    options: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    comparable_units: bool = False
+    seconds: float = 0.0
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"layer.{i}.{name}": t.contiguous() for i, s in enumerate(self.scores) for name, t in s.tensors().items()}
+        header = {
+            "fingerprint": self.fingerprint,
+            "method": self.method,
+            "options": self.options,
+            "calibration": self.calibration,
+            "comparable_units": self.comparable_units,
+            "seconds": self.seconds,
+            "costs": [asdict(c) for c in self.costs],
+            "blocks": [{"output_norm": s.output_norm, "tokens": s.tokens, "lipschitz": s.lipschitz} for s in self.scores],
+        }
+        save_file(tensors, str(path), metadata={"llm_bip": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScoreTable:
+        path = Path(path)
+        if not path.is_file():
+            raise LlmBipError(f"scores file {path} does not exist: run `llm-bip score` first")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                header = json.loads(handle.metadata()["llm_bip"])
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise LlmBipError(f"{path} is not an llm-bip scores file ({type(exc).__name__}): run `llm-bip score` again") from None
+        scores = [
+            BlockScores(
+                heads=tensors[f"layer.{i}.heads"], groups=tensors[f"layer.{i}.groups"],
+                channels=tensors[f"layer.{i}.channels"], attn_mean=tensors[f"layer.{i}.attn_mean"],
+                ffn_mean=tensors[f"layer.{i}.ffn_mean"], **block,
+            )
+            for i, block in enumerate(header["blocks"])
+        ]
+        return cls(
+            scores=scores, costs=[BlockCosts(**c) for c in header["costs"]], fingerprint=header["fingerprint"],
+            method=header["method"], options=header["options"], calibration=header["calibration"],
+            comparable_units=header["comparable_units"], seconds=header.get("seconds", 0.0),
+        )
+
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, path: str = "scores") -> None:
+        if model_fingerprint(model, adapter) != self.fingerprint:
+            raise LlmBipError(
+                f"{path} was computed on another model (fingerprint mismatch): score this model with `llm-bip score`"
+            )

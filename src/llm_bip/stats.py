@@ -1,0 +1,122 @@
+"""Activation statistics of one block, gathered by hooks during one forward pass of the block.
+
+Every scorer and compensator reads the same few sufficient statistics, so one pass serves them all:
+the Gram matrix and mean of o_proj's input (per-head norms of the attention output, FLAP's
+variance, bias compensation, refit), per-channel sums and squares of down_proj's input (the exact FFN
+score), optionally down_proj's full Gram (refit), the block output energy, and a small token sample of
+the FFN's residual input for the Lipschitz estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llm_bip.adapters import BlockParts
+from llm_bip.block_loop import BlockInputs, run_block
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    ffn_gram: bool = False
+    residual_sample: int = 0  # tokens of (FFN residual input, o_proj input) to keep, 0 = none
+    seed: int = 0
+
+    def union(self, other: StatsRequest) -> StatsRequest:
+        return StatsRequest(
+            ffn_gram=self.ffn_gram or other.ffn_gram,
+            residual_sample=max(self.residual_sample, other.residual_sample),
+            seed=self.seed,
+        )
+
+
+@dataclass
+class BlockStats:
+    tokens: int = 0
+    attn_sum: torch.Tensor | None = None  # [d_attn] sum of o_proj inputs
+    attn_gram: torch.Tensor | None = None  # [d_attn, d_attn] sum of x x^T over tokens
+    ffn_sum: torch.Tensor | None = None  # [channels]
+    ffn_sq: torch.Tensor | None = None  # [channels] sum of squares
+    ffn_gram: torch.Tensor | None = None  # [channels, channels], only when requested
+    output_sq: float = 0.0  # sum over tokens of ||block output||^2
+    residual_sample: torch.Tensor | None = None  # [S, hidden] FFN residual input h
+    attn_in_sample: torch.Tensor | None = None  # [S, d_attn] o_proj inputs of the same tokens
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def attn_mean(self) -> torch.Tensor:
+        return self.attn_sum / self.tokens
+
+    @property
+    def ffn_mean(self) -> torch.Tensor:
+        return self.ffn_sum / self.tokens
+
+    @property
+    def ffn_var(self) -> torch.Tensor:
+        return (self.ffn_sq / self.tokens - self.ffn_mean**2).clamp_min(0)
+
+    @property
+    def attn_var(self) -> torch.Tensor:
+        return (torch.diagonal(self.attn_gram) / self.tokens - self.attn_mean**2).clamp_min(0)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a + b
+
+
+@torch.no_grad()
+def collect_block_stats(
+    block: nn.Module, parts: BlockParts, inputs: BlockInputs, request: StatsRequest, layer: int = -1
+) -> tuple[BlockStats, BlockInputs]:
+    """One forward pass of `block` over the calibration inputs; returns its statistics and outputs."""
+    stats = BlockStats()
+    generator = torch.Generator().manual_seed(request.seed + layer)
+    pending: dict[str, torch.Tensor] = {}
+    per_batch_sample = 0
+    if request.residual_sample:
+        per_batch_sample = max(1, request.residual_sample // max(1, len(inputs.hidden)))
+
+    def on_o_proj(_m, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        stats.tokens += x.shape[0]
+        stats.attn_sum = _add(stats.attn_sum, x.sum(0))
+        stats.attn_gram = _add(stats.attn_gram, x.T @ x)
+        if per_batch_sample:
+            idx = torch.randperm(x.shape[0], generator=generator)[:per_batch_sample]
+            pending["idx"] = idx
+            stats.attn_in_sample = _cat(stats.attn_in_sample, x[idx])
+
+    def on_post_norm(_m, args):
+        if per_batch_sample:
+            h = args[0].reshape(-1, args[0].shape[-1]).float()
+            stats.residual_sample = _cat(stats.residual_sample, h[pending["idx"]])
+
+    def on_down_proj(_m, args):
+        a = args[0].reshape(-1, args[0].shape[-1]).float()
+        stats.ffn_sum = _add(stats.ffn_sum, a.sum(0))
+        stats.ffn_sq = _add(stats.ffn_sq, (a * a).sum(0))
+        if request.ffn_gram:
+            stats.ffn_gram = _add(stats.ffn_gram, a.T @ a)
+
+    def on_block_out(_m, _args, out):
+        y = (out[0] if isinstance(out, tuple) else out).float()
+        stats.output_sq += float((y * y).sum())
+
+    handles = [
+        parts.o_proj.register_forward_pre_hook(on_o_proj),
+        parts.post_attention_norm.register_forward_pre_hook(on_post_norm),
+        parts.down_proj.register_forward_pre_hook(on_down_proj),
+        block.register_forward_hook(on_block_out),
+    ]
+    try:
+        outputs = run_block(block, inputs, layer=layer)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b])
