@@ -110,6 +110,7 @@ def score(
     """Score every block on the dense model's activations (one forward pass per block)."""
     start = time.perf_counter()
     model, adapter = loaded.model, loaded.adapter
+    scorer.prepare(loaded, samples, batch_size)
     inputs = capture_block_inputs(model, adapter, samples, batch_size)
     request = scorer.stats_request()
     table = []

@@ -61,6 +61,9 @@ class Scorer:
     def stats_request(self) -> StatsRequest:
         return StatsRequest()
 
+    def prepare(self, loaded, samples: torch.Tensor, batch_size: int) -> None:
+        """Whole-model work before the block loop (e.g. one gradient pass for Taylor); default none."""
+
     def score_block(self, parts: BlockParts, stats: BlockStats, geometry: BlockGeometry) -> BlockScores:
         raise NotImplementedError
 
