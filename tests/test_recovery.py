@@ -260,3 +260,33 @@ def test_config_round_trips_through_json_and_validates(tmp_path):
         LoraRecoveryConfig(batch_size=64, micro_batch_size=5)
     with pytest.raises(LlmBipError, match="unknown field"):
         LoraRecoveryConfig.from_dict({"rank": 8})
+
+
+def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monkeypatch):
+    import llm_bip.recovery.lora as lora
+
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    start = pruned_like_model(len(tokenizer))
+    config = small_config(max_steps=4, save_steps=100)
+    straight, straight_report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "a")
+
+    calls = 0
+    real_loss = lora.summed_loss
+
+    def interrupting_loss(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 6:  # the second of step 3's two micro-batches
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(lora, "summed_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "b")
+    monkeypatch.setattr(lora, "summed_loss", real_loss)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    resumed, report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "b", resume=True)
+    assert report["resumed_from_step"] == 2
+    assert report["train_loss"] == straight_report["train_loss"]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -25,8 +25,8 @@ from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.loading import DEFAULT_MODEL
 from llm_bip.pipeline import CALIBRATION_MODES, COMPENSATIONS, RATIO_OF, PruneConfig
 from llm_bip.plan import GQA_MODES, PruningPlan
-from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
 from llm_bip.score_table import ScoreTable
+from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
 
 log = logging.getLogger("llm_bip")
 
@@ -175,7 +175,7 @@ def cmd_prune(args) -> None:
     report["perplexity"] = {"dense": before, "pruned": after}
     report["plan"] = result.plan.to_json()["blocks"]
     report["seconds_total"] = time.perf_counter() - started
-    api.save(lm, out, record=report, overwrite=args.overwrite)
+    api.save(lm, out, record=report, overwrite=args.overwrite)  # adds the saved format and exact counts
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1, default=str))
     b, a = report["parameters_before"], report["parameters_after"]

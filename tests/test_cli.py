@@ -1,0 +1,73 @@
+"""The CLI end to end on a tiny model directory with a real tokenizer and real text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from llm_bip.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, wikitext_test):
+    folder = tmp_path_factory.mktemp("texts")
+    lines = wikitext_test.read_text().splitlines()
+    (folder / "calib.txt").write_text("\n".join(lines[:300]))
+    (folder / "eval.txt").write_text("\n".join(lines[1000:1400]))
+    return folder
+
+
+def test_prune_saves_loadable_model_and_report(tiny_dir, texts, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tiny_dir), "--ratio", "0.3", "--allocation", "block-adaptive",
+                 "--calibration", str(texts / "calib.txt"), "--num-samples", "4", "--seq-len", "32",
+                 "--eval", str(texts / "eval.txt"), "--eval-max-windows", "4", "--output", str(out),
+                 "--report", str(tmp_path / "report.json"), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "pruned" in printed and "saved to" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["perplexity"]["pruned"]["eval@128"]["perplexity"] > 0
+    assert 0.29 < report["removed_fraction"]["non_embedding"] < 0.31
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters_after"]["total"]
+    assert main(["info", "--model", str(out)]) == 0
+    assert "pruned with llm-bip" in capsys.readouterr().out
+    # An existing output is refused unless --overwrite.
+    assert main(["prune", "--model", str(tiny_dir), "--output", str(out), "--eval", "none", "--quiet"]) == 2
+
+
+def test_score_then_plan_then_prune_with_plan(tiny_dir, texts, tmp_path, capsys):
+    scores, plan = tmp_path / "s.safetensors", tmp_path / "plan.json"
+    common = ["--model", str(tiny_dir)]
+    assert main(["score", *common, "--calibration", str(texts / "calib.txt"), "--num-samples", "4",
+                 "--seq-len", "32", "--output", str(scores), "--quiet"]) == 0
+    for ratio in ("0.2", "0.5"):
+        assert main(["plan", *common, "--scores", str(scores), "--ratio", ratio, "--output", str(plan)]) == 0
+    assert "removes" in capsys.readouterr().out
+    out = tmp_path / "from-plan"
+    assert main(["prune", *common, "--plan", str(plan), "--calibration", str(texts / "calib.txt"), "--seq-len", "32",
+                 "--num-samples", "2", "--eval", "none", "--output", str(out), "--quiet"]) == 0
+    record = json.loads((out / "pruning_record.json").read_text())
+    assert 0.49 < record["removed_fraction"]["non_embedding"] < 0.51
+
+
+def test_eval_command(tiny_dir, texts, tmp_path):
+    assert main(["eval", "--model", str(tiny_dir), "--eval", str(texts / "eval.txt"), "--seq-len", "64",
+                 "--max-windows", "2", "--report", str(tmp_path / "e.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["eval@64"]["windows"] == 2

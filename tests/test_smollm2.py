@@ -1,0 +1,36 @@
+"""The real model: SmolLM2-135M-Instruct (LLaMA architecture, 9 query / 3 KV heads)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_bip import api
+from llm_bip.pipeline import PruneConfig
+
+pytestmark = pytest.mark.real_model
+
+
+def test_dense_perplexity_is_the_reference(smollm2, wikitext_test):
+    result = api.evaluate(smollm2, [str(wikitext_test)], [128], max_windows=60, progress=False)
+    assert 35 < result["wiki.test@128"]["perplexity"] < 75  # ~52 on these windows; far off means a bug
+
+
+def test_llm_bip_20_percent_loads_back_and_beats_random(smollm2, wikitext_test, tmp_path):
+    samples, info = api.calibrate(smollm2, "wikipedia", num_samples=16, seq_len=128)
+    ppl = {}
+    for method in ("llm-bip", "random"):
+        lm = copy.deepcopy(smollm2)
+        result = api.prune(lm, PruneConfig(method=method, ratio=0.2, compensation="bias"), samples, info, progress=False)
+        assert abs(result.report["removed_fraction"]["non_embedding"] - 0.2) < 0.002
+        ppl[method] = api.evaluate(lm, [str(wikitext_test)], [128], max_windows=40, progress=False)["wiki.test@128"]["perplexity"]
+        if method == "llm-bip":
+            out = api.save(lm, tmp_path / "pruned", record=result.report)
+            ids = samples[:2]
+            loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+            with torch.no_grad():
+                assert torch.allclose(loaded(ids).logits, lm.model(ids).logits, atol=1e-4)
+    assert ppl["llm-bip"] < ppl["random"], ppl
