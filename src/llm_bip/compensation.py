@@ -27,35 +27,44 @@ def bias_shift(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> 
     return weight.float()[:, removed] @ mean.float()[removed]
 
 
-def refit_weight(
-    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor | None = None,
+def solve_refit(
+    cross: torch.Tensor, gram: torch.Tensor, prior: torch.Tensor, mean: torch.Tensor | None, target_mean: torch.Tensor | None,
     damping: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares W' on kept inputs S minimising sum_t ||W x_t - W' x_{S,t} (- b)||^2.
+    """Ridge least squares for W' (and an intercept b) minimising E_t ||t_t - W' x_t - b||^2.
 
-    Normal equations: W' G_SS = W G_{:,S}. With `mean` an intercept b is solved jointly through the
-    augmented Gram [[G, s], [s^T, n]] (scaled to a per-token mean), so the bias is refit as well.
-    Ridge damping: `damping` times the mean diagonal of G_SS, which keeps the solve stable.
+    Inputs are per-token expectations over the kept inputs x: `cross` = E[t x^T] [out, in], `gram` =
+    E[x x^T], `mean` = E[x], `target_mean` = E[t]; `prior` is the weight the ridge pulls towards (the
+    original W_S), so nothing moves where the data says nothing. The ridge is scaled per input by its
+    own energy (damping · G_ii): massive-activation channels, whose energy is orders of magnitude above
+    the rest, neither dominate nor starve the damping of the others.
+    Normal equations: W' (G + D) = E[t x^T] + W_prior D, with D = damping · diag(G).
     """
-    w = weight.double()
-    g = gram.double()
-    keep = keep.long()
+    g, c, w0 = gram.double(), cross.double(), prior.double()
     if mean is not None:
-        # Work with E[x x^T] and E[x]: append a constant-1 input whose weight is the bias.
         dim = g.shape[0]
         aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64)
         aug[:dim, :dim] = g
         aug[:dim, dim] = aug[dim, :dim] = mean.double()
         aug[dim, dim] = 1.0
         g = aug
-        w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.float64)], dim=1)
-        keep = torch.cat([keep, torch.tensor([dim])])
-    g_ss = g[keep][:, keep]
-    diag = torch.diagonal(g_ss)
-    ridge = damping * diag.mean().clamp_min(1e-12)
-    rhs = w @ g[:, keep]  # [out, |S|]
-    system = g_ss + ridge * torch.eye(len(keep), dtype=torch.float64)
-    solution = torch.linalg.solve(system, rhs.T).T  # W' = rhs · (G_SS + λI)^-1 (symmetric)
+        c = torch.cat([c, target_mean.double()[:, None]], dim=1)
+        w0 = torch.cat([w0, torch.zeros(w0.shape[0], 1, dtype=torch.float64)], dim=1)
+    d = damping * torch.diagonal(g).clamp_min(1e-12)
+    solution = torch.linalg.solve(g + torch.diag(d), (c + w0 * d).T).T  # G + D is symmetric
     if mean is not None:
         return solution[:, :-1].float(), solution[:, -1].float()
     return solution.float(), None
+
+
+def refit_weight(
+    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor | None = None,
+    damping: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refit on the kept inputs S to reproduce the layer's own dense output W x (t = W x):
+    E[t x_S^T] = W G_{:,S} and E[t] = W E[x], from the full input Gram `gram` = E[x x^T]."""
+    w, g = weight.double(), gram.double()
+    keep = keep.long()
+    cross = w @ g[:, keep]
+    target_mean = w @ mean.double() if mean is not None else None
+    return solve_refit(cross, g[keep][:, keep], w[:, keep], mean[keep] if mean is not None else None, target_mean, damping)

@@ -27,12 +27,14 @@ from llm_bip.scoring import Scorer, make_scorer
 from llm_bip.scoring.base import BlockGeometry
 from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
 from llm_bip.surgery import cut_block
+from llm_bip.two_stream import prune_block_two_stream
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_MODES = ("parallel", "sequential")
 COMPENSATIONS = ("none", "bias", "refit")
 RATIO_OF = ("non-embedding", "total")
+REFIT_TARGETS = ("layer", "dense")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class PruneConfig:
     compensation: str = "bias"
     lipschitz: str = "jvp"
     refit_damping: float = 0.01
+    refit_target: str = "layer"  # sequential refit towards the block's own output, or the dense model's
     seed: int = 0
 
     def validate(self) -> None:
@@ -60,7 +63,7 @@ class PruneConfig:
         for value, allowed, what in (
             (self.ratio_of, RATIO_OF, "ratio-of"), (self.allocation, ALLOCATIONS, "allocation"),
             (self.gqa_mode, GQA_MODES, "gqa-mode"), (self.calibration_mode, CALIBRATION_MODES, "calibration mode"),
-            (self.compensation, COMPENSATIONS, "compensation"),
+            (self.compensation, COMPENSATIONS, "compensation"), (self.refit_target, REFIT_TARGETS, "refit target"),
         ):
             if value not in allowed:
                 raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
@@ -243,6 +246,15 @@ def _cut_loop(
     head_dim = adapter.head_dim(model)
     inputs: BlockInputs = capture_block_inputs(model, adapter, samples, batch_size)
     plans = []
+    if sequential and config.compensation == "refit" and config.refit_target == "dense":
+        dense_inputs = inputs
+        for layer, block in enumerate(_progress(adapter.blocks(model), "pruning (sequential, dense targets)")):
+            bp, inputs, dense_inputs = prune_block_two_stream(
+                loaded, block, geometry(loaded, layer), inputs, dense_inputs, scorer, widths[layer],
+                config.gqa_mode, config.refit_damping,
+            )
+            plans.append(bp)
+        return plans
     desc = "pruning (sequential)" if sequential else "pruning"
     for layer, block in enumerate(_progress(adapter.blocks(model), desc)):
         parts = adapter.parts(block)
