@@ -23,7 +23,7 @@ from llm_bip.data import DEFAULT_CALIBRATION
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.loading import DEFAULT_MODEL
-from llm_bip.pipeline import CALIBRATION_MODES, COMPENSATIONS, RATIO_OF, PruneConfig
+from llm_bip.pipeline import CALIBRATION_MODES, COMPENSATIONS, RATIO_OF, REFIT_TARGETS, PruneConfig
 from llm_bip.plan import GQA_MODES, PruningPlan
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
@@ -84,6 +84,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-ratio", type=float, help="uniform: fraction of head units to remove (default: solved)")
     g.add_argument("--calibration-mode", default="parallel", choices=CALIBRATION_MODES)
     g.add_argument("--compensation", default="bias", choices=COMPENSATIONS)
+    g.add_argument("--refit-target", default="layer", choices=REFIT_TARGETS,
+                   help="refit towards the block's own output, or (sequential) the dense model's")
 
 
 def _config(args) -> PruneConfig:
@@ -92,6 +94,7 @@ def _config(args) -> PruneConfig:
         gqa_mode=args.gqa_mode, prunable_layers=_layers(args.layers), round_to=args.round_to,
         head_ratio=args.head_ratio, calibration_mode=getattr(args, "calibration_mode", "parallel"),
         compensation=getattr(args, "compensation", "none"), lipschitz=getattr(args, "lipschitz", "jvp"),
+        refit_target=getattr(args, "refit_target", "layer"),
         seed=args.seed if hasattr(args, "seed") else 0,
     )
     config.validate()
