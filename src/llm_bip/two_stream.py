@@ -24,7 +24,7 @@ from llm_bip.compensation import add_output_bias, solve_refit
 from llm_bip.loading import LoadedModel
 from llm_bip.plan import BlockPlan, BlockWidths, select
 from llm_bip.scoring.base import BlockGeometry, Scorer
-from llm_bip.stats import StatsRequest, collect_block_stats
+from llm_bip.stats import collect_block_stats
 from llm_bip.surgery import cut_block
 
 
