@@ -70,4 +70,23 @@ def test_score_then_plan_then_prune_with_plan(tiny_dir, texts, tmp_path, capsys)
 def test_eval_command(tiny_dir, texts, tmp_path):
     assert main(["eval", "--model", str(tiny_dir), "--eval", str(texts / "eval.txt"), "--seq-len", "64",
                  "--max-windows", "2", "--report", str(tmp_path / "e.json"), "--quiet"]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["eval@64"]["windows"] == 2
+    assert json.loads((tmp_path / "e.json").read_text())["models"]["model"]["perplexity"]["eval@64"]["windows"] == 2
+
+
+def test_eval_unknown_task_fails_before_loading(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "not-loaded"), "--tasks", "no_such_task", "--quiet"]) == 2
+    assert "no_such_task" in capsys.readouterr().err
+
+
+def test_recover_then_saved_model_loads(tiny_dir, texts, tmp_path, capsys):
+    out = tmp_path / "recovered"
+    args = ["recover", "--model", str(tiny_dir), "--data", str(texts / "calib.txt"), "--output", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--cutoff-len", "32",
+            "--val-set-size", "4", "--warmup-steps", "1", "--eval", str(texts / "eval.txt"), "--eval-seq-len", "32",
+            "--eval-max-windows", "2", "--quiet"]
+    assert main(args) == 0
+    assert "recovered with LoRA for 2 steps" in capsys.readouterr().out
+    record = json.loads((out / "pruning_record.json").read_text())
+    assert record["recovery"]["steps"] == 2 and record["recovery_perplexity"]["after"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())

@@ -199,12 +199,87 @@ def _apply_saved_plan(lm, plan: PruningPlan, config: PruneConfig):
 
 
 def cmd_eval(args) -> None:
-    lm = api.load(args.model)
-    sources = _eval_sources(args.eval)
-    results = api.evaluate(lm, sources, args.seq_len, args.max_windows, args.batch_size, args.dtype, not args.quiet)
-    _print_ppl("model", results)
+    """Perplexity (and zero-shot accuracy) of one or more models, in one report and one table."""
+    tasks = None
+    if args.tasks:
+        from llm_bip.evaluation.zeroshot import resolve_task_names
+
+        tasks = resolve_task_names(args.tasks)  # unknown names fail before any model loads
+    sources = _eval_sources(args.eval) if args.eval else []
+    report: dict = {"models": {}}
+    for name in args.model:
+        lm = api.load(name)
+        label = Path(name).name if Path(name).exists() else name
+        results = api.evaluate(lm, sources, args.seq_len, args.max_windows, args.batch_size, args.dtype,
+                               not args.quiet) if sources else {}
+        _print_ppl(label[:8], results)
+        entry: dict = {"model": name, "perplexity": results}
+        if tasks:
+            from llm_bip.evaluation.zeroshot import evaluate_zero_shot
+
+            entry["zero_shot"] = evaluate_zero_shot(lm.model, lm.tokenizer, tasks, args.task_data, args.limit,
+                                                    args.batch_size)
+        report["models"][label] = entry
+        del lm
+    if tasks:
+        from llm_bip.evaluation.zeroshot_table import zero_shot_markdown
+
+        table = zero_shot_markdown({label: {"perplexity": _ppl_only(e["perplexity"]), "zero_shot": e["zero_shot"]}
+                                    for label, e in report["models"].items()})
+        report["markdown"] = table
+        print(table)
     if args.report:
-        Path(args.report).write_text(json.dumps({"model": args.model, "perplexity": results}, indent=1))
+        Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+
+
+def _ppl_only(results: dict) -> dict:
+    return {key: r["perplexity"] for key, r in results.items()}
+
+
+def cmd_recover(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from llm_bip.evaluation.perplexity import DTYPES as _DTYPES
+    from llm_bip.recovery import LoraRecoveryConfig, recover
+    from llm_bip.saving import check_output_dir, read_record
+
+    out = check_output_dir(args.output, args.overwrite)
+    config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig()
+    changes = {k: v for k, v in {
+        "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
+        "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len, "lora_r": args.lora_r,
+        "max_steps": args.max_steps, "max_time_s": args.max_time, "val_set_size": args.val_set_size,
+        "warmup_steps": args.warmup_steps, "save_steps": args.save_steps, "seed": args.seed,
+        "progress_bar": not args.quiet,
+    }.items() if v is not None}
+    config = dataclasses.replace(config, **changes)
+    lm = api.load(args.model)
+    eval_sources = _eval_sources(args.eval) if args.eval else []
+    before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
+                          progress=not args.quiet) if eval_sources else {}
+    _print_ppl("before", before)
+    # Frozen base weights in the compute dtype; LoRA weights and the loss stay fp32 (see recovery.lora).
+    lm.model.to(_DTYPES[args.dtype])
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.checkpoints"
+    try:
+        model, report = recover(lm.model, lm.tokenizer, args.data, config, checkpoints, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"llm-bip: interrupted; checkpoint saved in {checkpoints}: rerun with --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    lm.model = model.to(torch.float32)
+    after = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
+                         progress=not args.quiet) if eval_sources else {}
+    _print_ppl("after", after)
+    record = read_record(args.model) if Path(args.model).is_dir() else None
+    full = dict(record or {})
+    full["recovery"] = report
+    full["recovery_perplexity"] = {"before": before, "after": after}
+    api.save(lm, out, record=full, overwrite=args.overwrite)
+    if args.report:
+        Path(args.report).write_text(json.dumps(full, indent=1, default=str))
+    print(f"recovered with LoRA for {report.get('steps')} steps; saved to {out}")
 
 
 def cmd_info(args) -> None:
@@ -264,14 +339,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write the JSON report here")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity of a model")
-    _add_model(p)
-    p.add_argument("--eval", nargs="+", default=["auto"], help="wikitext2 | ptb | c4 | lee | a text file")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of one or more models")
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                   help="one or more models (e.g. dense, pruned, pruned+recovered): one report, one table")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--eval", nargs="*", default=["auto"],
+                   help="perplexity texts: wikitext2 | ptb | c4 | lee | a text file; none to skip")
     p.add_argument("--seq-len", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--max-windows", type=int)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness: boolq,piqa,hellaswag,"
+                                   "winogrande,arc_easy,arc_challenge,openbookqa or all")
+    p.add_argument("--task-data", help="directory of local JSON/JSONL task data (offline; see docs/recovery_and_zeroshot.md)")
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
     p.add_argument("--report", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("recover", help="LoRA fine-tuning of a pruned model (LLM-Pruner's recipe), merged and saved")
+    p.add_argument("--model", required=True, help="the pruned model directory")
+    p.add_argument("--data", default="yahma/alpaca-cleaned",
+                   help="hub dataset name, or a local Alpaca-style JSON/JSONL (instruction/input/output) or text file")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--checkpoint-dir", help="default: OUTPUT.checkpoints next to the output")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-time", type=float, help="stop after this many seconds (a checkpoint is written)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="effective batch (gradient accumulation), default 64")
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--cutoff-len", type=int)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--val-set-size", type=int)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--save-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lora-config", help="a LoraRecoveryConfig JSON file")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--eval", nargs="*", default=[], help="perplexity texts before and after (default: none)")
+    p.add_argument("--eval-seq-len", type=int, nargs="+", default=[128])
+    p.add_argument("--eval-max-windows", type=int, default=100)
+    p.add_argument("--report")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("info", help="widths and parameter counts of a model")
     p.add_argument("--model", default=DEFAULT_MODEL)
