@@ -99,7 +99,6 @@ def test_method_overrides():
     (["--methods", "llm-bip", "sparsegpt"], "unknown method 'sparsegpt': choose from llm-bip"),
     (["--ratios", "0.2", "1.0"], "ratio 1.0 is outside [0, 1)"),
     (["--ratios", "-0.1"], "outside [0, 1)"),
-    (["--methods", "flap:calibration-mode=sequential"], "parallel calibration"),
     (["--eval", "/no/such/file.txt"], "neither a file"),
 ])
 def test_bad_input_fails_before_loading_the_model(tmp_path, capsys, monkeypatch, argv, message):

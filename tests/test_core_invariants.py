@@ -41,7 +41,7 @@ def test_cut_equals_masked_dense(family, gqa_mode, allocation):
     lm = tiny_model(family)
     ids = tiny_samples()
     table = score(lm, make_scorer("llm-bip"), ids, progress=False)
-    config = PruneConfig(ratio=0.35, allocation=allocation, gqa_mode=gqa_mode, compensation="none")
+    config = PruneConfig(ratio=0.35, allocation=allocation, gqa_mode=gqa_mode, compensation="none", head_ratio=None)
     pl = plan(table, config, lm.adapter.embedding_parameters(lm.model))
     masked = mask_plan(copy.deepcopy(lm.model), lm.adapter, pl)
     cut = copy.deepcopy(lm)

@@ -39,7 +39,7 @@ def test_uniform_saves_with_stock_config(family, tmp_path):
 
 def test_uniform_that_stock_config_rejects_saves_per_block_widths(tmp_path):
     """4 heads of 8 in hidden 32 pruned to 3 heads: LlamaConfig refuses hidden % heads != 0."""
-    out, ids, expected = _prune_and_save("llama-mha", tmp_path, ratio=0.3, compensation="none")
+    out, ids, expected = _prune_and_save("llama-mha", tmp_path, ratio=0.3, compensation="none", head_ratio=None)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llm_bip_llama" and config["head_dim"] == 8
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -4,7 +4,8 @@
 - block-adaptive: every prunable block gives up the same number of parameters, choosing between
   heads and channels by score per parameter (needs scores in one unit, as LLM-BIP's are);
 - global-adaptive: one model-wide pool ranked by score per parameter, each block's scores divided by
-  its output norm ||y||_F (relative change), with at most `max_block_ratio` of any block removed.
+  its output norm ||y||_F (relative change), with at most `max_block_ratio` of any block removed;
+- flap: FLAP's own allocation (scoring/flap.py): one model-wide pool ranked by score alone.
 
 Every allocator removes head units greedily and then fills the rest of the target with channels, so
 the adaptive allocators land within one channel's parameters of the target (within `round_to`
@@ -21,7 +22,7 @@ from llm_bip.params import BlockCosts
 from llm_bip.plan import GQA_MODES, BlockWidths
 from llm_bip.scoring.base import BlockScores
 
-ALLOCATIONS = ("uniform", "block-adaptive", "global-adaptive")
+ALLOCATIONS = ("uniform", "block-adaptive", "global-adaptive", "flap")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class AllocationConfig:
     gqa_mode: str = "kv-groups"
     prunable_layers: tuple[int, ...] | None = None  # None = every block
     round_to: int = 1  # kept FFN widths rounded to a multiple of this
-    head_ratio: float | None = None  # uniform only: fraction of head units to remove (None = solved)
+    head_ratio: float | None = None  # uniform: fraction of head units to remove (None: the same as channels)
     max_block_ratio: float = 0.9  # global-adaptive: most of a block's prunable parameters it may lose
 
 
@@ -54,6 +55,10 @@ def allocate(
     costs: list[BlockCosts], target_removed: int, config: AllocationConfig, scores: list[BlockScores] | None = None
 ) -> list[BlockWidths]:
     """Widths per block that remove `target_removed` parameters (within one channel's parameters)."""
+    if config.strategy == "flap":
+        from llm_bip.scoring.flap import flap_allocate  # lazy: scoring imports this module
+
+        return flap_allocate(costs, target_removed, config, scores)
     layers = list(range(len(costs))) if config.prunable_layers is None else sorted(config.prunable_layers)
     if not layers:
         raise LlmBipError("no prunable layers: widen the layer range")
@@ -112,6 +117,15 @@ def _uniform(costs, units, layers, target, config) -> dict[int, list[int]]:
     for i in reversed(layers):
         while sum(units[j].cost * removed[j][0] for j in layers) > target and removed[i][0] > 0:
             removed[i][0] -= 1
+    # A target beyond what the channels can give (e.g. head_ratio 0 at a high ratio) takes head units,
+    # one per block in turn, until the channels can cover the rest.
+    channel_room = sum((costs[i].channels - 1) * costs[i].channel for i in layers)
+    while target - sum(units[j].cost * removed[j][0] for j in layers) > channel_room:
+        open_layers = [i for i in layers if removed[i][0] < units[i].count - 1]
+        if not open_layers:
+            break
+        step = min(open_layers, key=lambda i: (removed[i][0], i))
+        removed[step][0] += 1
     heads = sum(units[i].cost * removed[i][0] for i in layers)
     # Uniform means the same width in every prunable block (so the stock config can describe it):
     # the channel count per block is rounded, which puts the total within one channel per block.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llm_bip import api
 from llm_bip.allocation import ALLOCATIONS
+from llm_bip.compare import add_compare_parser
 from llm_bip.data import DEFAULT_CALIBRATION
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
@@ -46,6 +47,15 @@ def _layers(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise LlmBipError(f"--layers '{text}' is not a range like 4-28 or a list like 0,1,5") from None
+
+
+def _head_ratio(text: str) -> float | None:
+    if text == "same":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a fraction in [0, 1) or 'same'") from None
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -81,9 +91,11 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                    help="prune whole KV groups, or the same number of query heads in every group")
     g.add_argument("--layers", help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
     g.add_argument("--round-to", type=int, default=1, help="round kept FFN widths to a multiple of this")
-    g.add_argument("--head-ratio", type=float, help="uniform: fraction of head units to remove (default: solved)")
-    g.add_argument("--calibration-mode", default="parallel", choices=CALIBRATION_MODES)
-    g.add_argument("--compensation", default="bias", choices=COMPENSATIONS)
+    g.add_argument("--head-ratio", type=_head_ratio, default=0.0,
+                   help="uniform: fraction of head units to remove (default 0: FFN channels first, heads only when "
+                        "channels run out); 'same' removes the same fraction as of channels")
+    g.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES)
+    g.add_argument("--compensation", default="refit", choices=COMPENSATIONS)
     g.add_argument("--refit-target", default="layer", choices=REFIT_TARGETS,
                    help="refit towards the block's own output, or (sequential) the dense model's")
 
@@ -389,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    add_compare_parser(sub)
     return parser
 
 

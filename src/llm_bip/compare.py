@@ -69,6 +69,9 @@ class Recipe:
     compensation: str = "none"
     calibration_mode: str = "parallel"
     dense_edges: tuple[float, float] | None = None
+    # The baselines' sources prune heads and channels by the same fraction (None); llm-bip's default
+    # takes FFN channels first (0.0), as its measured default.
+    head_ratio: float | None = None
     overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, ratio: float, num_layers: int, ratio_of: str, gqa_mode: str, seed: int) -> PruneConfig:
@@ -81,6 +84,7 @@ class Recipe:
             # An allocator the registry does not know yet (flap) is applied here, not by the pipeline.
             allocation=self.allocation if self.allocation in ALLOCATIONS else "uniform",
             compensation=self.compensation, calibration_mode=self.calibration_mode, seed=seed,
+            head_ratio=self.head_ratio,
         )
         return replace(base, **dict(self.overrides))
 
@@ -95,7 +99,8 @@ class Recipe:
 
 def _default_recipe(name: str, **changes) -> Recipe:
     d = PruneConfig()
-    return replace(Recipe(name, d.method, d.allocation, d.compensation, d.calibration_mode), **changes)
+    recipe = Recipe(name, d.method, d.allocation, d.compensation, d.calibration_mode, head_ratio=d.head_ratio)
+    return replace(recipe, **changes)
 
 
 RECIPES: dict[str, Recipe] = {

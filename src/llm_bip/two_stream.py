@@ -47,7 +47,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def prune_block_two_stream(
     loaded: LoadedModel, block: nn.Module, geometry: BlockGeometry, inputs_p: BlockInputs, inputs_d: BlockInputs,
-    scorer: Scorer, widths: BlockWidths, gqa_mode: str, damping: float,
+    scorer: Scorer, widths: BlockWidths, gqa_mode: str, attn_damping: float, damping: float,
 ) -> tuple[BlockPlan, BlockInputs, BlockInputs]:
     adapter, layer = loaded.adapter, geometry.layer
     parts = adapter.parts(block)
@@ -73,7 +73,7 @@ def prune_block_two_stream(
             cross += target.T @ _flat(o)[:, cols]
             target_sum += target.sum(0)
         weight, bias = solve_refit(cross / n, stats.attn_gram[cols][:, cols] / n, parts.o_proj.weight.float()[:, cols],
-                                   stats.attn_mean[cols], target_sum / n, damping)
+                                   stats.attn_mean[cols], target_sum / n, attn_damping)
         full = parts.o_proj.weight.detach().clone()
         full[:, cols] = weight.to(full.dtype)
         parts.o_proj.weight.copy_(full)
