@@ -165,6 +165,11 @@ class CompareConfig:
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     eval_seq_lens: tuple[int, ...] = (128, 2048)
     eval_max_windows: int | None = None
+    eval_max_tokens: int | None = None  # the same token budget at every length: windows = tokens // seq_len
+
+    def windows(self, seq_len: int) -> int | None:
+        limits = [n for n in (self.eval_max_windows, self.eval_max_tokens and self.eval_max_tokens // seq_len) if n]
+        return min(limits) if limits else None
     eval_batch_size: int = 4
     ratio_of: str = "non-embedding"
     gqa_mode: str = "kv-groups"
@@ -344,7 +349,7 @@ def _evaluate(lm: LoadedModel, eval_ids: dict[str, torch.Tensor], config: Compar
         for seq_len in config.eval_seq_lens:
             # The same batch heuristic as api.evaluate: about 512 tokens per batch for short windows.
             bs = max(1, config.eval_batch_size * 2048 // seq_len // 4) if seq_len < 2048 else config.eval_batch_size
-            r = perplexity(lm.model, lm.tokenizer, source, seq_len, config.eval_max_windows, bs, config.dtype,
+            r = perplexity(lm.model, lm.tokenizer, source, seq_len, config.windows(seq_len), bs, config.dtype,
                            progress, ids=ids)
             out[f"{source}@{seq_len}"] = r["perplexity"]
     return out
@@ -472,7 +477,8 @@ def write_outputs(result: CompareResult, out: Path, config: CompareConfig, heade
     lines = [
         f"# Comparison on {header['model']}", "",
         f"Calibration: {json.dumps(header['calibration'])}. Ratio = fraction of {config.ratio_of} parameters; "
-        f"perplexity in {config.dtype}, at most {config.eval_max_windows or 'all'} windows.", "",
+        f"perplexity in {config.dtype}, windows per length: "
+        f"{', '.join(f'{n}: {config.windows(n) or chr(0x2014)}' for n in config.eval_seq_lens)}.", "",
         "| method | ratio | removed (non-emb.) | removed (total) | parameters | "
         + " | ".join(f"ppl {k}" for k in keys) + " | prune s |",
         "|---|---|---|---|---|" + "---|" * len(keys) + "---|",
@@ -527,6 +533,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluation texts: wikitext2 | ptb | c4 | lee | a text file; auto = wikitext2, or lee offline")
     g.add_argument("--eval-seq-len", type=int, nargs="+", default=[128, 2048])
     g.add_argument("--eval-max-windows", type=int, help="at most this many windows per text and length")
+    g.add_argument("--eval-max-tokens", type=int,
+                   help="token budget per text and length (windows = tokens // length), e.g. 40960")
     g.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--output", required=True, help="directory for the table and plots")
     p.add_argument("--overwrite", action="store_true", help="write into an output directory that has results")
@@ -567,7 +575,7 @@ def cmd_compare(args) -> None:
 
     config = CompareConfig(
         methods=tuple(args.methods), ratios=tuple(args.ratios), eval_seq_lens=tuple(args.eval_seq_len),
-        eval_max_windows=args.eval_max_windows, eval_batch_size=args.eval_batch_size, ratio_of=args.ratio_of,
+        eval_max_windows=args.eval_max_windows, eval_max_tokens=args.eval_max_tokens, eval_batch_size=args.eval_batch_size, ratio_of=args.ratio_of,
         gqa_mode=args.gqa_mode, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
     )
     config.recipes()  # bad methods and ratios fail before the model loads
