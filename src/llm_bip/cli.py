@@ -31,10 +31,6 @@ from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
 
 log = logging.getLogger("llm_bip")
 
-# Offline, WikiText-2 cannot be downloaded; the Lee news corpus in gensim's wheel is real text that
-# the default calibration (Wikipedia) does not contain.
-OFFLINE_EVAL_FALLBACK = "lee"
-
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
     """'4-28' (inclusive start, exclusive end, as Python ranges) or '0,1,5'."""
@@ -116,20 +112,9 @@ def _config(args) -> PruneConfig:
 
 
 def _eval_sources(requested: list[str]) -> list[str]:
-    sources = []
-    for source in requested:
-        if source == "auto":
-            try:
-                from llm_bip.data import load_text
+    from llm_bip.data import resolve_eval_source
 
-                load_text("wikitext2", split="test")
-                source = "wikitext2"
-            except LlmBipError:
-                log.warning("WikiText-2 is not reachable (offline?): evaluating on the '%s' corpus instead",
-                            OFFLINE_EVAL_FALLBACK)
-                source = OFFLINE_EVAL_FALLBACK
-        sources.append(source)
-    return sources
+    return [resolve_eval_source(source) for source in requested]
 
 
 def _print_ppl(title: str, results: dict) -> None:

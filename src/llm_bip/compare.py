@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 # LLM-Pruner keeps the first 4 and last 2 of LLaMA-7B's 32 layers dense; the same fractions of any depth.
 LLM_PRUNER_DENSE_EDGES = (4 / 32, 2 / 32)
-OFFLINE_EVAL_FALLBACK = "lee"
 
 
 @dataclass(frozen=True)
@@ -551,17 +550,12 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _resolve_eval(sources: list[str]) -> list[str]:
-    from llm_bip.data import HUB_SOURCES, OFFLINE_SOURCES, load_text
+    from llm_bip.data import HUB_SOURCES, OFFLINE_SOURCES, resolve_eval_source
 
     resolved = []
     for source in sources:
         if source == "auto":
-            try:
-                load_text("wikitext2", split="test")
-                source = "wikitext2"
-            except LlmBipError:
-                log.warning("WikiText-2 is not reachable (offline?): evaluating on '%s' instead", OFFLINE_EVAL_FALLBACK)
-                source = OFFLINE_EVAL_FALLBACK
+            source = resolve_eval_source(source)
         elif source not in HUB_SOURCES + OFFLINE_SOURCES and not Path(source).expanduser().is_file():
             raise LlmBipError(f"evaluation text '{source}' is neither a file nor one of "
                               f"{', '.join(HUB_SOURCES + OFFLINE_SOURCES)}")

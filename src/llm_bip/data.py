@@ -41,6 +41,39 @@ def load_text(source: str | os.PathLike, split: str = "train") -> str:
     return _file_text(path)
 
 
+# Offline, WikiText-2 cannot be downloaded; the Lee news corpus in gensim's wheel is real text that
+# the default calibration (Wikipedia) does not contain.
+OFFLINE_EVAL_FALLBACK = "lee"
+
+
+def hub_reachable() -> bool:
+    """A quick look before `datasets` spends half a minute on retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_eval_source(source: str) -> str:
+    """`auto` is WikiText-2 when the hub answers and the offline Lee corpus when it does not."""
+    if source != "auto":
+        return source
+    try:
+        if not hub_reachable():
+            raise LlmBipError("offline")
+        load_text("wikitext2", split="test")
+        return "wikitext2"
+    except LlmBipError:
+        log.warning("WikiText-2 is not reachable (offline?): evaluating on the '%s' corpus instead",
+                    OFFLINE_EVAL_FALLBACK)
+        return OFFLINE_EVAL_FALLBACK
+
+
 def _file_text(path: Path) -> str:
     if path.is_dir():
         raise LlmBipError(f"{path} is a directory: pass a .txt, .raw, .json or .jsonl file")
