@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--windows-128", type=int, default=300)
     parser.add_argument("--windows-2048", type=int, default=40)
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (compare's table has it)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(scoring_child(args.num_samples, args.seq_len)))
@@ -102,7 +103,7 @@ def main() -> None:
             "config": result.report["config"], "parameters_after": result.report["parameters_after"],
             "removed_fraction": result.report["removed_fraction"], "seconds": result.report["timings_seconds"],
         }
-    for name, lm in models.items():
+    for name, lm in ({} if args.no_ppl else models).items():
         ppl = {}
         for seq_len, windows in ((128, args.windows_128), (2048, args.windows_2048)):
             r = api.evaluate(lm, [str(WIKITEXT)], [seq_len], max_windows=windows, batch_size=1, progress=False)
