@@ -262,8 +262,13 @@ def _cut_loop(
     desc = "pruning (sequential)" if sequential else "pruning"
     for layer, block in enumerate(_progress(adapter.blocks(model), desc, show=progress)):
         parts = adapter.parts(block)
-        stats, dense_out = collect_block_stats(block, parts, inputs, request, layer)
-        s = scorer.score_block(parts, stats, geometry(loaded, layer)) if sequential else table.scores[layer]
+        g = geometry(loaded, layer)
+        block_scorer = scorer if widths[layer].num_heads < g.num_heads else scorer.channels_only()
+        block_request = request
+        if sequential:
+            block_request = block_scorer.stats_request().union(StatsRequest(ffn_gram=config.compensation == "refit"))
+        stats, dense_out = collect_block_stats(block, parts, inputs, block_request, layer)
+        s = block_scorer.score_block(parts, stats, g) if sequential else table.scores[layer]
         bp = select(s.heads, s.groups, s.channels, widths[layer], config.gqa_mode, layer)
         if config.compensation == "bias":
             _bias_compensate(loaded, block, bp, stats.attn_mean, stats.ffn_mean)

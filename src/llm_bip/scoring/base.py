@@ -71,6 +71,10 @@ class Scorer:
         """Settings that change the scores, recorded in the scores file and the pruning record."""
         return {}
 
+    def channels_only(self) -> Scorer:
+        """A scorer for a block whose heads all stay: it may skip work that only head scores need."""
+        return self
+
     def _scores(self, stats: BlockStats, heads, groups, channels, lipschitz: float = 0.0) -> BlockScores:
         return BlockScores(
             heads=heads.float().cpu(),

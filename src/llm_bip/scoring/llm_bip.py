@@ -30,6 +30,10 @@ class LlmBipScorer(Scorer):
     def options(self) -> dict:
         return {"lipschitz": self.lipschitz, "lipschitz_sample_tokens": self.sample_tokens}
 
+    def channels_only(self) -> Scorer:
+        # L scales head scores only; channel scores are exact without it.
+        return LlmBipScorer("none", self.sample_tokens, self.iterations, self.seed)
+
     def stats_request(self) -> StatsRequest:
         return StatsRequest(residual_sample=0 if self.lipschitz == "none" else self.sample_tokens, seed=self.seed)
 
