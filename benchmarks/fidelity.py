@@ -98,7 +98,7 @@ def main() -> None:
                                                                        else f"--{k} {' '.join(map(str, v))}" for k, v in vars(args).items()),
                "structures": len(picks), "correlation": {}}
     for name, table in tables.items():
-        predicted = torch.tensor([float((table.scores[l].heads if k == "head" else table.scores[l].channels)[i]) for l, k, i in picks])
+        predicted = torch.tensor([float((table.scores[lay].heads if k == "head" else table.scores[lay].channels)[i]) for lay, k, i in picks])
         row = {}
         for target in ("output", "loss"):
             true = torch.tensor(truth[target])
@@ -106,8 +106,8 @@ def main() -> None:
             for kind in ("head", "channel"):
                 mask = torch.tensor([k == kind for _, k, _ in picks])
                 row[target][kind + "s_within_layer_mean"] = float(torch.tensor([
-                    spearman(predicted[mask & (torch.tensor([l == layer for l, _, _ in picks]))],
-                             true[mask & (torch.tensor([l == layer for l, _, _ in picks]))])
+                    spearman(predicted[mask & (torch.tensor([lay == layer for lay, _, _ in picks]))],
+                             true[mask & (torch.tensor([lay == layer for lay, _, _ in picks]))])
                     for layer in args.layers]).mean())
         results["correlation"][name] = row
         print(name, json.dumps(row), flush=True)

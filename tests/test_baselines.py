@@ -27,13 +27,7 @@ from llm_bip.stats import BlockStats
 BASELINES = ["flap", "wanda-sp", "taylor", "taylor-vector"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ shapes, determinism

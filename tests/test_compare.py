@@ -23,13 +23,7 @@ from llm_bip.compare import (
 )
 from llm_bip.errors import LlmBipError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_writes_complete_table_and_plots(tmp_path):

@@ -20,15 +20,7 @@ from llm_bip.errors import LlmBipError
 from llm_bip.recovery import LoraRecoveryConfig, alpaca_prompt, load_recovery_data, recover
 from llm_bip.recovery.lora import build_lora_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads spin-wait
-    # for each other: one thread makes these tests several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pruned_like_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
