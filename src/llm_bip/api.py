@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text
+from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, tokenize
 from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity
 from llm_bip.loading import LoadedModel, load_model
 from llm_bip.pipeline import PruneConfig, PruneResult
@@ -82,8 +82,6 @@ def evaluate(
     """Perplexity on each source at each sequence length, keyed "source@seq_len"."""
     results = {}
     for source in sources:
-        from llm_bip.data import tokenize
-
         ids = tokenize(loaded.tokenizer, load_text(source, split="test"))
         for seq_len in seq_lens:
             bs = max(1, batch_size * 2048 // seq_len // 4) if seq_len < 2048 else batch_size

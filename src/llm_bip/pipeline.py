@@ -26,7 +26,7 @@ from llm_bip.score_table import ScoreTable, model_fingerprint
 from llm_bip.scoring import Scorer, make_scorer
 from llm_bip.scoring.base import BlockGeometry
 from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
-from llm_bip.surgery import cut_block
+from llm_bip.surgery import cut_block, head_columns
 from llm_bip.two_stream import prune_block_two_stream
 
 log = logging.getLogger(__name__)
@@ -284,15 +284,11 @@ def _removed_any(keep: list[int], size: int) -> bool:
     return len(keep) < size
 
 
-def _head_columns(keep_heads: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + d for h in keep_heads for d in range(head_dim)], dtype=torch.long)
-
-
 def _bias_compensate(loaded: LoadedModel, block, bp: BlockPlan, attn_mean: torch.Tensor, ffn_mean: torch.Tensor) -> None:
     adapter = loaded.adapter
     parts = adapter.parts(block)
     head_dim = adapter.head_dim(loaded.model)
-    cols = _head_columns(bp.keep_heads, head_dim)
+    cols = head_columns(bp.keep_heads, head_dim)
     if _removed_any(cols.tolist(), parts.o_proj.in_features):
         add_output_bias(adapter, parts.o_proj, bias_shift(parts.o_proj.weight, attn_mean, cols))
     keep = torch.tensor(bp.keep_channels, dtype=torch.long)
@@ -309,7 +305,7 @@ def _refit(loaded: LoadedModel, block, bp: BlockPlan, stats: BlockStats, attn_da
     head_dim = adapter.head_dim(loaded.model)
     n = stats.tokens
     for linear, keep, gram, mean, ridge in (
-        (parts.o_proj, _head_columns(bp.keep_heads, head_dim), stats.attn_gram, stats.attn_mean, attn_damping),
+        (parts.o_proj, head_columns(bp.keep_heads, head_dim), stats.attn_gram, stats.attn_mean, attn_damping),
         (parts.down_proj, torch.tensor(bp.keep_channels, dtype=torch.long), stats.ffn_gram, stats.ffn_mean, damping),
     ):
         if not _removed_any(keep.tolist(), linear.in_features):

@@ -14,7 +14,8 @@ from llm_bip.errors import LlmBipError
 from llm_bip.plan import BlockPlan, PruningPlan
 
 
-def _rows(head_or_group: list[int], head_dim: int) -> torch.Tensor:
+def head_columns(head_or_group: list[int], head_dim: int) -> torch.Tensor:
+    """Indices of the q/o (or k/v) rows or columns that belong to these heads (or KV heads)."""
     return torch.tensor([h * head_dim + d for h in head_or_group for d in range(head_dim)], dtype=torch.long)
 
 
@@ -53,7 +54,7 @@ def cut_block(adapter: FamilyAdapter, block: nn.Module, plan: BlockPlan, head_di
     parts = adapter.parts(block)
     num_heads, num_kv, channels = adapter.widths(block, head_dim)
     check_block_plan(plan, num_heads, num_kv, channels)
-    q_rows, kv_rows = _rows(plan.keep_heads, head_dim), _rows(plan.keep_kv_heads, head_dim)
+    q_rows, kv_rows = head_columns(plan.keep_heads, head_dim), head_columns(plan.keep_kv_heads, head_dim)
     ch = torch.tensor(plan.keep_channels, dtype=torch.long)
     attn, mlp = parts.attention, parts.mlp
     attn.q_proj = _slice_linear(parts.q_proj, out_index=q_rows)
@@ -87,7 +88,7 @@ def mask_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan) -> nn
         parts = adapter.parts(adapter.blocks(model)[block_plan.layer])
         heads = parts.o_proj.in_features // head_dim
         dropped_heads = [h for h in range(heads) if h not in set(block_plan.keep_heads)]
-        parts.o_proj.weight[:, _rows(dropped_heads, head_dim)] = 0
+        parts.o_proj.weight[:, head_columns(dropped_heads, head_dim)] = 0
         dropped = [c for c in range(parts.down_proj.in_features) if c not in set(block_plan.keep_channels)]
         parts.down_proj.weight[:, torch.tensor(dropped, dtype=torch.long)] = 0
     return model

@@ -25,7 +25,7 @@ from llm_bip.loading import LoadedModel
 from llm_bip.plan import BlockPlan, BlockWidths, select
 from llm_bip.scoring.base import BlockGeometry, Scorer
 from llm_bip.stats import collect_block_stats
-from llm_bip.surgery import cut_block
+from llm_bip.surgery import cut_block, head_columns
 
 
 class _Capture:
@@ -63,7 +63,7 @@ def prune_block_two_stream(
     plan = select(scores.heads, scores.groups, scores.channels, widths, gqa_mode, layer)
 
     head_dim = geometry.head_dim
-    cols = torch.tensor([h * head_dim + d for h in plan.keep_heads for d in range(head_dim)], dtype=torch.long)
+    cols = head_columns(plan.keep_heads, head_dim)
     if len(plan.keep_heads) < geometry.num_heads:
         n = stats.tokens
         cross = torch.zeros(parts.o_proj.out_features, len(cols))
