@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,36 +20,46 @@ from pathlib import Path
 import torch
 
 from llm_bip import api
+from llm_bip.compare import PeakMemory
 from llm_bip.pipeline import PruneConfig
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def scoring_child(num_samples: int, seq_len: int) -> dict:
-    """Runs in a fresh process: load, score, and time one plain forward pass over the same tokens."""
+    """Runs in a fresh process: load, then time (and measure the peak memory of) one plain forward
+    pass over the calibration tokens and LLM-BIP scoring over the same tokens, each above what the
+    process held before it (the loaded model and the samples)."""
     lm = api.load()
     samples, info = api.calibrate(lm, "wikipedia", num_samples, seq_len)
-    rss_loaded = rss_mb()
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        lm.model(samples[:8])  # warm-up
+        lm.model(samples[:1], use_cache=False)  # warm-up
+    with PeakMemory() as forward_memory, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         start = time.perf_counter()
         for i in range(0, num_samples, 8):
             lm.model(samples[i : i + 8], use_cache=False)
         forward = time.perf_counter() - start
-    start = time.perf_counter()
-    api.score(lm, samples, "llm-bip", info, progress=False)
-    scoring = time.perf_counter() - start
+    with PeakMemory() as scoring_memory:
+        start = time.perf_counter()
+        api.score(lm, samples, "llm-bip", info, progress=False)
+        scoring = time.perf_counter() - start
+    config = lm.model.config
     return {
         "calibration_tokens": num_samples * seq_len, "forward_seconds": forward, "scoring_seconds": scoring,
-        "scoring_over_forward": scoring / forward, "model_mb": model_mb, "rss_after_load_mb": rss_loaded,
-        "peak_rss_mb": rss_mb(), "scoring_extra_mb": rss_mb() - rss_loaded,
-        "activations_one_block_mb": num_samples * seq_len * lm.model.config.hidden_size * 4 / 2**20,
+        "scoring_over_forward": scoring / forward, "model_mb": model_mb,
+        "forward_extra_mb": forward_memory.added / 2**20, "scoring_extra_mb": scoring_memory.added / 2**20,
+        "memory_measured_by": scoring_memory.how,
+        # What the block loop must hold: one block's inputs and outputs for every calibration token
+        # (bf16), one batch's FFN intermediate (fp32 in the hooks), and one block's weights.
+        "one_block_activations_mb": (2 * num_samples * seq_len * config.hidden_size * 2
+                                     + 8 * seq_len * config.intermediate_size * 4) / 2**20,
+        "one_block_weights_mb": model_mb_of(lm.adapter.blocks(lm.model)[0]),
     }
+
+
+def model_mb_of(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
 
 
 @torch.no_grad()
@@ -81,6 +90,8 @@ def main() -> None:
     parser.add_argument("--windows-2048", type=int, default=40)
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (compare's table has it)")
+    parser.add_argument("--round-to", type=int, default=64,
+                        help="also prune with kept widths rounded to this multiple (0: skip)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(scoring_child(args.num_samples, args.seq_len)))
@@ -95,11 +106,14 @@ def main() -> None:
     dense = api.load()
     samples, info = api.calibrate(dense, "wikipedia", args.num_samples, args.seq_len)
     models = {"dense": dense}
-    for ratio in args.ratios:
+    variants = [(ratio, 1) for ratio in args.ratios]
+    variants += [(ratio, args.round_to) for ratio in args.ratios if args.round_to > 1]
+    for ratio, round_to in variants:
         lm = copy.deepcopy(dense)
-        result = api.prune(lm, PruneConfig(ratio=ratio), samples, info, progress=False)
-        models[f"llm-bip {ratio:.0%}"] = lm
-        results.setdefault("prune", {})[f"{ratio:.0%}"] = {
+        result = api.prune(lm, PruneConfig(ratio=ratio, round_to=round_to), samples, info, progress=False)
+        name = f"llm-bip {ratio:.0%}" + (f" round{round_to}" if round_to > 1 else "")
+        models[name] = lm
+        results.setdefault("prune", {})[name] = {
             "config": result.report["config"], "parameters_after": result.report["parameters_after"],
             "removed_fraction": result.report["removed_fraction"], "seconds": result.report["timings_seconds"],
         }

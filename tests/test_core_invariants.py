@@ -166,3 +166,45 @@ def test_scores_replan_without_the_model(tmp_path):
         a = plan(table, PruneConfig(ratio=ratio, allocation="block-adaptive"), emb)
         b = plan(loaded, PruneConfig(ratio=ratio, allocation="block-adaptive"), emb)
         assert a.to_json() == b.to_json()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["llm-bip", "flap", "wanda-sp"])
+def test_group_diagonal_gram_gives_the_scores_of_the_full_gram(family, method):
+    """Scoring computes only the KV-group diagonal blocks of o_proj's input Gram; every score must
+    equal the one from the full matrix."""
+    from llm_bip.pipeline import geometry
+
+    lm = tiny_model(family)
+    ids = tiny_samples()
+    scorer = make_scorer(method, **({"lipschitz": "none"} if method == "llm-bip" else {}))
+    table = score(lm, scorer, ids, batch_size=3, progress=False)
+    inputs = capture_block_inputs(lm.model, lm.adapter, ids, batch_size=3)
+    for layer, block in enumerate(lm.adapter.blocks(lm.model)):
+        g = geometry(lm, layer)
+        part, _ = collect_block_stats(block, lm.adapter.parts(block), inputs, scorer.stats_request(), layer,
+                                      g.group_width)
+        full, inputs = collect_block_stats(block, lm.adapter.parts(block), inputs, scorer.stats_request(), layer)
+        assert full.attn_gram_block == 0 and part.attn_gram_block == g.group_width
+        blocks = full.attn_gram.reshape(g.num_kv_heads, g.group_width, g.num_kv_heads, g.group_width)
+        for kv in range(g.num_kv_heads):
+            assert torch.allclose(part.attn_gram.reshape_as(blocks)[kv, :, kv], blocks[kv, :, kv], atol=1e-5)
+        expected = scorer.score_block(lm.adapter.parts(block), full, g)
+        for kind in ("heads", "groups", "channels"):
+            assert torch.allclose(getattr(table.scores[layer], kind), getattr(expected, kind), rtol=1e-4, atol=1e-6)
+
+
+def test_refit_of_o_proj_refuses_a_partial_gram():
+    from llm_bip.pipeline import _refit, geometry
+    from llm_bip.plan import BlockPlan
+
+    lm = tiny_model("llama")
+    inputs = capture_block_inputs(lm.model, lm.adapter, tiny_samples(), batch_size=3)
+    block = lm.adapter.blocks(lm.model)[0]
+    g = geometry(lm, 0)
+    request = StatsRequest(ffn_gram=True)
+    stats, _ = collect_block_stats(block, lm.adapter.parts(block), inputs, request, 0, g.group_width)
+    plan_ = BlockPlan(layer=0, keep_heads=list(range(g.group_size, g.num_heads)), keep_kv_heads=list(range(1, g.num_kv_heads)),
+                      keep_channels=list(range(g.channels)))
+    with pytest.raises(AssertionError, match="full Gram"):
+        _refit(lm, block, plan_, stats, 1.0, 0.01)

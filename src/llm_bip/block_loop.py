@@ -72,6 +72,10 @@ def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, 
                 "(--dtype float32) or check the checkpoint"
             )
         outputs.append(out)
+    # Autocast keeps a low-precision copy of every weight it casts until its context exits; dropping
+    # them per block holds memory to one block's copies (not the whole model's) and never lets a
+    # stale copy outlive a weight that compensation rewrites in place.
+    torch.clear_autocast_cache()
     return BlockInputs(hidden=outputs, kwargs=inputs.kwargs)
 
 

@@ -122,8 +122,9 @@ def score(
     request = scorer.stats_request()
     table = []
     for layer, block in enumerate(_progress(adapter.blocks(model), f"scoring ({scorer.name})", show=progress)):
-        stats, inputs = collect_block_stats(block, adapter.parts(block), inputs, request, layer)
-        table.append(scorer.score_block(adapter.parts(block), stats, geometry(loaded, layer)))
+        g = geometry(loaded, layer)
+        stats, inputs = collect_block_stats(block, adapter.parts(block), inputs, request, layer, g.group_width)
+        table.append(scorer.score_block(adapter.parts(block), stats, g))
     return ScoreTable(
         scores=table, costs=_costs(loaded), fingerprint=model_fingerprint(model, adapter), method=scorer.name,
         options=scorer.options(), calibration=calibration or {}, comparable_units=scorer.comparable_units,
@@ -244,9 +245,6 @@ def _cut_loop(
     sequential, through the dense one when parallel."""
     model, adapter = loaded.model, loaded.adapter
     sequential = config.calibration_mode == "sequential"
-    request = scorer.stats_request() if sequential else StatsRequest()
-    if config.compensation == "refit":
-        request = request.union(StatsRequest(ffn_gram=True))
     head_dim = adapter.head_dim(model)
     inputs: BlockInputs = capture_block_inputs(model, adapter, samples, batch_size)
     plans = []
@@ -263,11 +261,12 @@ def _cut_loop(
     for layer, block in enumerate(_progress(adapter.blocks(model), desc, show=progress)):
         parts = adapter.parts(block)
         g = geometry(loaded, layer)
-        block_scorer = scorer if widths[layer].num_heads < g.num_heads else scorer.channels_only()
-        block_request = request
-        if sequential:
-            block_request = block_scorer.stats_request().union(StatsRequest(ffn_gram=config.compensation == "refit"))
-        stats, dense_out = collect_block_stats(block, parts, inputs, block_request, layer)
+        cuts_heads = widths[layer].num_heads < g.num_heads
+        block_scorer = scorer if cuts_heads else scorer.channels_only()
+        block_request = block_scorer.stats_request() if sequential else StatsRequest()
+        if config.compensation == "refit":
+            block_request = block_request.union(StatsRequest(ffn_gram=True, full_attn_gram=cuts_heads))
+        stats, dense_out = collect_block_stats(block, parts, inputs, block_request, layer, g.group_width)
         s = block_scorer.score_block(parts, stats, g) if sequential else table.scores[layer]
         bp = select(s.heads, s.groups, s.channels, widths[layer], config.gqa_mode, layer)
         if config.compensation == "bias":
@@ -310,6 +309,8 @@ def _refit(loaded: LoadedModel, block, bp: BlockPlan, stats: BlockStats, attn_da
     ):
         if not _removed_any(keep.tolist(), linear.in_features):
             continue
+        if linear is parts.o_proj and stats.attn_gram_block:
+            raise AssertionError("a refit of o_proj needs the full Gram matrix of its input")
         weight, bias = refit_weight(linear.weight, gram / n, keep, mean, ridge)
         full = linear.weight.detach().clone()
         full[:, keep] = weight.to(full.dtype)

@@ -2,7 +2,8 @@
 
 Every scorer and compensator reads the same few sufficient statistics, so one pass serves them all:
 the Gram matrix and mean of o_proj's input (per-head norms of the attention output, FLAP's
-variance, bias compensation, refit), per-channel sums and squares of down_proj's input (the exact FFN
+variance, bias compensation, refit; scorers need only its KV-group diagonal blocks, a third of the
+work, so the full matrix is computed only when a refit of o_proj asks for it), per-channel sums and squares of down_proj's input (the exact FFN
 score), optionally down_proj's full Gram (refit), the block output energy, and a small token sample of
 the FFN's residual input for the Lipschitz estimate.
 """
@@ -21,12 +22,14 @@ from llm_bip.block_loop import BlockInputs, run_block
 @dataclass(frozen=True)
 class StatsRequest:
     ffn_gram: bool = False
+    full_attn_gram: bool = False  # else only the diagonal blocks of one KV group's columns
     residual_sample: int = 0  # tokens of (FFN residual input, o_proj input) to keep, 0 = none
     seed: int = 0
 
     def union(self, other: StatsRequest) -> StatsRequest:
         return StatsRequest(
             ffn_gram=self.ffn_gram or other.ffn_gram,
+            full_attn_gram=self.full_attn_gram or other.full_attn_gram,
             residual_sample=max(self.residual_sample, other.residual_sample),
             seed=self.seed,
         )
@@ -37,6 +40,7 @@ class BlockStats:
     tokens: int = 0
     attn_sum: torch.Tensor | None = None  # [d_attn] sum of o_proj inputs
     attn_gram: torch.Tensor | None = None  # [d_attn, d_attn] sum of x x^T over tokens
+    attn_gram_block: int = 0  # width of its diagonal blocks when only those were computed (0: full)
     ffn_sum: torch.Tensor | None = None  # [channels]
     ffn_sq: torch.Tensor | None = None  # [channels] sum of squares
     ffn_gram: torch.Tensor | None = None  # [channels, channels], only when requested
@@ -68,10 +72,15 @@ def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_block_stats(
-    block: nn.Module, parts: BlockParts, inputs: BlockInputs, request: StatsRequest, layer: int = -1
+    block: nn.Module, parts: BlockParts, inputs: BlockInputs, request: StatsRequest, layer: int = -1,
+    group_width: int = 0,
 ) -> tuple[BlockStats, BlockInputs]:
-    """One forward pass of `block` over the calibration inputs; returns its statistics and outputs."""
+    """One forward pass of `block` over the calibration inputs; returns its statistics and outputs.
+    With `group_width` (head_dim x heads per KV group) and no request for the full attention Gram,
+    only its diagonal blocks of that width are computed (the rest stays zero)."""
     stats = BlockStats()
+    block_width = 0 if request.full_attn_gram else group_width
+    stats.attn_gram_block = block_width
     generator = torch.Generator().manual_seed(request.seed + layer)
     pending: dict[str, torch.Tensor] = {}
     per_batch_sample = 0
@@ -82,7 +91,7 @@ def collect_block_stats(
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         stats.tokens += x.shape[0]
         stats.attn_sum = _add(stats.attn_sum, x.sum(0))
-        stats.attn_gram = _add(stats.attn_gram, x.T @ x)
+        stats.attn_gram = _add(stats.attn_gram, _gram(x, block_width))
         if per_batch_sample:
             idx = torch.randperm(x.shape[0], generator=generator)[:per_batch_sample]
             pending["idx"] = idx
@@ -116,6 +125,14 @@ def collect_block_stats(
         for h in handles:
             h.remove()
     return stats, outputs
+
+
+def _gram(x: torch.Tensor, block_width: int) -> torch.Tensor:
+    """x^T x, or only its diagonal blocks of `block_width` columns (as a full matrix, zero elsewhere)."""
+    if not block_width or block_width == x.shape[1]:
+        return x.T @ x
+    blocks = x.reshape(x.shape[0], -1, block_width).transpose(0, 1)  # [groups, tokens, width]
+    return torch.block_diag(*(blocks.transpose(1, 2) @ blocks))
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,11 @@ class BlockGeometry:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def group_width(self) -> int:
+        """Columns of o_proj's input that one KV group's heads write."""
+        return self.head_dim * self.group_size
+
 
 @dataclass
 class BlockScores:

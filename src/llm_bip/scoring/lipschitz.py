@@ -17,11 +17,16 @@ def ffn_branch(norm: nn.Module, mlp: nn.Module):
     return branch
 
 
+@torch.no_grad()
 def jvp_power_iteration(norm: nn.Module, mlp: nn.Module, residual: torch.Tensor, iterations: int = 8,
                         seed: int = 0) -> torch.Tensor:
     """Per-token spectral norm of the Jacobian of F∘N2 at each sampled residual vector, by power
     iteration with forward-mode JVPs (J v) and reverse-mode VJPs (J^T w). The FFN acts token by token,
-    so a batch of tokens is a batch of independent Jacobians."""
+    so a batch of tokens is a batch of independent Jacobians.
+
+    Runs under no_grad: torch.func differentiates through its own levels regardless, while outer
+    grad mode would make every iterate carry an autograd graph back to the (trainable) weights, so
+    memory would grow with each iteration."""
     branch = ffn_branch(norm, mlp)
     h = residual.float()
     generator = torch.Generator().manual_seed(seed)

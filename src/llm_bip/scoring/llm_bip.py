@@ -22,7 +22,7 @@ class LlmBipScorer(Scorer):
     name = "llm-bip"
     comparable_units = True
 
-    def __init__(self, lipschitz: str = "jvp", sample_tokens: int = 512, iterations: int = 8, seed: int = 0) -> None:
+    def __init__(self, lipschitz: str = "jvp", sample_tokens: int = 256, iterations: int = 8, seed: int = 0) -> None:
         if lipschitz not in LIPSCHITZ_VARIANTS:
             raise ValueError(f"lipschitz must be one of {LIPSCHITZ_VARIANTS}")
         self.lipschitz, self.sample_tokens, self.iterations, self.seed = lipschitz, sample_tokens, iterations, seed
@@ -46,9 +46,8 @@ class LlmBipScorer(Scorer):
         groups = head_output_norms(w_o, stats.attn_gram, hd, geometry.group_size)
         lipschitz = 0.0
         if self.lipschitz == "jvp":
-            with torch.enable_grad():
-                sigma = jvp_power_iteration(parts.post_attention_norm, parts.mlp, stats.residual_sample,
-                                            self.iterations, self.seed + geometry.layer)
+            sigma = jvp_power_iteration(parts.post_attention_norm, parts.mlp, stats.residual_sample,
+                                        self.iterations, self.seed + geometry.layer)
             lipschitz = float(sigma.pow(2).mean().sqrt())
             heads, groups = (1 + lipschitz) * heads, (1 + lipschitz) * groups
         elif self.lipschitz == "exact":
