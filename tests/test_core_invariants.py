@@ -208,3 +208,11 @@ def test_refit_of_o_proj_refuses_a_partial_gram():
                       keep_channels=list(range(g.channels)))
     with pytest.raises(AssertionError, match="full Gram"):
         _refit(lm, block, plan_, stats, 1.0, 0.01)
+
+
+def test_text_files_follow_the_wikitext_protocol(tmp_path):
+    """Non-empty lines kept as they are (WikiText's leading spaces included), joined by a blank line."""
+    from llm_bip.data import load_text
+
+    (tmp_path / "wiki.raw").write_text(" \n = Title = \n \n The first line . \n\n Second @-@ line \n")
+    assert load_text(tmp_path / "wiki.raw") == " = Title = \n\n The first line . \n\n Second @-@ line "

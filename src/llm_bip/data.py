@@ -83,8 +83,7 @@ def _file_text(path: Path) -> str:
         raise LlmBipError(f"{path} is not UTF-8 text") from None
     if path.suffix in (".jsonl", ".json"):
         return _json_text(path, raw)
-    # Paragraph breaks as in the field's WikiText-2 protocol: non-empty lines joined by a blank line.
-    return "\n\n".join(line.strip() for line in raw.splitlines() if line.strip())
+    return _join_lines(raw.splitlines())
 
 
 def _json_text(path: Path, raw: str) -> str:
@@ -124,7 +123,14 @@ def _hub_text(name: str, split: str) -> str:
             f"cannot load '{name}' through datasets ({type(exc).__name__}); offline, pass a local text file "
             f"instead, or use one of {', '.join(OFFLINE_SOURCES)} for calibration"
         ) from None
-    return "\n\n".join(line.strip() for line in lines if line.strip())
+    return _join_lines(lines)
+
+
+def _join_lines(lines: list[str]) -> str:
+    """The field's WikiText-2 protocol: non-empty lines, kept as they are (WikiText's lines start with
+    a space, which changes their first token), joined by a blank line. Stripping them measured 5%
+    lower perplexity on SmolLM2 than the peers' numbers."""
+    return "\n\n".join(line.rstrip("\n") for line in lines if line.strip())
 
 
 def _gensim_dir() -> Path:
