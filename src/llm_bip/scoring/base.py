@@ -61,7 +61,6 @@ class Scorer:
 
     name: str = ""
     comparable_units: bool = False  # heads and channels scored in the same unit (block-output change)
-    needs_calibration: bool = True
 
     def stats_request(self) -> StatsRequest:
         return StatsRequest()

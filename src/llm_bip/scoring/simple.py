@@ -11,7 +11,6 @@ from llm_bip.stats import BlockStats
 
 class RandomScorer(Scorer):
     name = "random"
-    needs_calibration = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -32,7 +31,6 @@ class MagnitudeScorer(Scorer):
     gate/up rows + down column for a channel)."""
 
     name = "magnitude"
-    needs_calibration = False
 
     def score_block(self, parts: BlockParts, stats: BlockStats, geometry: BlockGeometry) -> BlockScores:
         hd, gs = geometry.head_dim, geometry.group_size

@@ -39,7 +39,6 @@ def _linear(parts: BlockParts, name: str) -> torch.nn.Linear:
 
 class TaylorScorer(Scorer):
     name = "taylor"
-    needs_calibration = True
 
     def __init__(self, variant: str = "element1") -> None:
         if variant not in TAYLOR_VARIANTS:
