@@ -216,3 +216,27 @@ def test_text_files_follow_the_wikitext_protocol(tmp_path):
 
     (tmp_path / "wiki.raw").write_text(" \n = Title = \n \n The first line . \n\n Second @-@ line \n")
     assert load_text(tmp_path / "wiki.raw") == " = Title = \n\n The first line . \n\n Second @-@ line "
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_centered_ffn_score_equals_the_change_after_bias_compensation(family):
+    """With `centered`, a channel's score is the block-output change of removing it and adding its
+    mean contribution back as a bias (what bias compensation then does)."""
+    from llm_bip.block_loop import run_block
+    from llm_bip.pipeline import geometry
+
+    lm = tiny_model(family)
+    inputs = capture_block_inputs(lm.model, lm.adapter, tiny_samples(n=2, length=10), batch_size=2)
+    block = lm.adapter.blocks(lm.model)[0]
+    parts = lm.adapter.parts(block)
+    stats, dense = collect_block_stats(block, parts, inputs, StatsRequest(), 0)
+    scores = make_scorer("llm-bip", lipschitz="none", centered=True).score_block(parts, stats, geometry(lm, 0))
+    for k in (0, 7):
+        column = parts.down_proj.weight[:, k].clone()
+        with torch.no_grad():
+            parts.down_proj.weight[:, k] = 0
+            removed = run_block(block, inputs)
+            parts.down_proj.weight[:, k] = column
+        shift = column * stats.ffn_mean[k]  # the bias that compensation adds for this channel
+        change = torch.sqrt(sum(((a - b - shift) ** 2).sum() for a, b in zip(dense.hidden, removed.hidden, strict=True)))
+        assert torch.isclose(scores.channels[k], change, rtol=1e-3), (k, scores.channels[k], change)

@@ -83,7 +83,8 @@ class PruneConfig:
         )
 
     def scorer(self) -> Scorer:
-        return make_scorer(self.method, lipschitz=self.lipschitz, seed=self.seed)
+        # With bias compensation next, a structure costs its block-output change after compensation.
+        return make_scorer(self.method, lipschitz=self.lipschitz, seed=self.seed, centered=self.compensation == "bias")
 
 
 @dataclass

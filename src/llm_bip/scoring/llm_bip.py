@@ -4,6 +4,10 @@ FFN channel k (exact):  ||W_down[:, k]|| · ||a_k||  over the calibration tokens
 Head h (bound):         (1 + L) · ||W_o[:, cols(h)] o_h||_F, a KV group by summing its heads first.
 L variants: "none" (L = 0), "jvp" (power iteration on a token sample, the RMS of the per-token
 spectral norms), and "exact", the reference: the true ||Δy|| of removing each head on the sample.
+
+`centered`: the block-output change of removing a structure *and* adding its mean contribution
+back as a bias, which is what bias compensation does next: the same norms over the centered inputs
+(a − mean, o − mean). A channel whose output is nearly constant costs nothing once compensated.
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ class LlmBipScorer(Scorer):
     name = "llm-bip"
     comparable_units = True
 
-    def __init__(self, lipschitz: str = "jvp", sample_tokens: int = 256, iterations: int = 8, seed: int = 0) -> None:
+    def __init__(self, lipschitz: str = "jvp", sample_tokens: int = 256, iterations: int = 8, seed: int = 0,
+                 centered: bool = False) -> None:
         if lipschitz not in LIPSCHITZ_VARIANTS:
             raise ValueError(f"lipschitz must be one of {LIPSCHITZ_VARIANTS}")
         self.lipschitz, self.sample_tokens, self.iterations, self.seed = lipschitz, sample_tokens, iterations, seed
+        self.centered = centered
 
     def options(self) -> dict:
-        return {"lipschitz": self.lipschitz, "lipschitz_sample_tokens": self.sample_tokens}
+        return {"lipschitz": self.lipschitz, "lipschitz_sample_tokens": self.sample_tokens, "centered": self.centered}
 
     def channels_only(self) -> Scorer:
         # L scales head scores only; channel scores are exact without it.
-        return LlmBipScorer("none", self.sample_tokens, self.iterations, self.seed)
+        return LlmBipScorer("none", self.sample_tokens, self.iterations, self.seed, self.centered)
 
     def stats_request(self) -> StatsRequest:
         return StatsRequest(residual_sample=0 if self.lipschitz == "none" else self.sample_tokens, seed=self.seed)
@@ -41,9 +47,13 @@ class LlmBipScorer(Scorer):
     def score_block(self, parts: BlockParts, stats: BlockStats, geometry: BlockGeometry) -> BlockScores:
         hd = geometry.head_dim
         w_o = parts.o_proj.weight.float()
-        channels = parts.down_proj.weight.float().norm(dim=0) * stats.ffn_sq.sqrt()
-        heads = head_output_norms(w_o, stats.attn_gram, hd, 1)
-        groups = head_output_norms(w_o, stats.attn_gram, hd, geometry.group_size)
+        ffn_sq, attn_gram = stats.ffn_sq, stats.attn_gram
+        if self.centered:
+            ffn_sq = (ffn_sq - stats.tokens * stats.ffn_mean**2).clamp_min(0)
+            attn_gram = attn_gram - stats.tokens * torch.outer(stats.attn_mean, stats.attn_mean)
+        channels = parts.down_proj.weight.float().norm(dim=0) * ffn_sq.sqrt()
+        heads = head_output_norms(w_o, attn_gram, hd, 1)
+        groups = head_output_norms(w_o, attn_gram, hd, geometry.group_size)
         lipschitz = 0.0
         if self.lipschitz == "jvp":
             sigma = jvp_power_iteration(parts.post_attention_norm, parts.mlp, stats.residual_sample,
