@@ -32,7 +32,7 @@ def scoring_child(num_samples: int, seq_len: int) -> dict:
     process held before it (the loaded model and the samples)."""
     lm = api.load()
     samples, info = api.calibrate(lm, "wikipedia", num_samples, seq_len)
-    model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    model_mb = model_mb_of(lm.model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         lm.model(samples[:1], use_cache=False)  # warm-up
     with PeakMemory() as forward_memory, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, tokenize
-from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity
+from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, window_batch_size
 from llm_bip.loading import LoadedModel, load_model
 from llm_bip.pipeline import PruneConfig, PruneResult
 from llm_bip.pipeline import plan as _plan
@@ -84,7 +84,7 @@ def evaluate(
     for source in sources:
         ids = tokenize(loaded.tokenizer, load_text(source, split="test"))
         for seq_len in seq_lens:
-            bs = max(1, batch_size * 2048 // seq_len // 4) if seq_len < 2048 else batch_size
+            bs = window_batch_size(batch_size, seq_len)
             results[f"{_short(source)}@{seq_len}"] = perplexity(
                 loaded.model, loaded.tokenizer, source, seq_len, max_windows, bs, dtype, progress, ids=ids
             )

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from llm_bip.allocation import ALLOCATIONS, AllocationConfig, allocate
 from llm_bip.compensation import add_output_bias, bias_shift
 from llm_bip.errors import LlmBipError
-from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity
+from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, window_batch_size
 from llm_bip.loading import LoadedModel
 from llm_bip.params import block_costs, count_parameters
 from llm_bip.pipeline import COMPENSATIONS, RATIO_OF, PruneConfig, prune, score, target_parameters
@@ -166,15 +166,16 @@ class CompareConfig:
     eval_max_windows: int | None = None
     eval_max_tokens: int | None = None  # the same token budget at every length: windows = tokens // seq_len
 
-    def windows(self, seq_len: int) -> int | None:
-        limits = [n for n in (self.eval_max_windows, self.eval_max_tokens and self.eval_max_tokens // seq_len) if n]
-        return min(limits) if limits else None
     eval_batch_size: int = 4
     ratio_of: str = "non-embedding"
     gqa_mode: str = "kv-groups"
     batch_size: int = 8
     dtype: str = "bfloat16"
     seed: int = 0
+
+    def windows(self, seq_len: int) -> int | None:
+        limits = [n for n in (self.eval_max_windows, self.eval_max_tokens and self.eval_max_tokens // seq_len) if n]
+        return min(limits) if limits else None
 
     def recipes(self) -> list[Recipe]:
         """Every method parsed and every ratio checked: bad input fails here, before any long work."""
@@ -346,8 +347,7 @@ def _evaluate(lm: LoadedModel, eval_ids: dict[str, torch.Tensor], config: Compar
     out = {}
     for source, ids in eval_ids.items():
         for seq_len in config.eval_seq_lens:
-            # The same batch heuristic as api.evaluate: about 512 tokens per batch for short windows.
-            bs = max(1, config.eval_batch_size * 2048 // seq_len // 4) if seq_len < 2048 else config.eval_batch_size
+            bs = window_batch_size(config.eval_batch_size, seq_len)
             r = perplexity(lm.model, lm.tokenizer, source, seq_len, config.windows(seq_len), bs, config.dtype,
                            progress, ids=ids)
             out[f"{source}@{seq_len}"] = r["perplexity"]

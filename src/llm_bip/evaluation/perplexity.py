@@ -28,6 +28,11 @@ def compute_context(model: nn.Module, dtype: str):
     return torch.autocast(device_type=device, dtype=DTYPES[dtype])
 
 
+def window_batch_size(batch_size: int, seq_len: int) -> int:
+    """`batch_size` counts windows of 2048; shorter windows batch about 512 tokens at a time."""
+    return max(1, batch_size * 2048 // seq_len // 4) if seq_len < 2048 else batch_size
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int = 2048,

@@ -49,7 +49,7 @@ class LlmBipScorer(Scorer):
         w_o = parts.o_proj.weight.float()
         ffn_sq, attn_gram = stats.ffn_sq, stats.attn_gram
         if self.centered:
-            ffn_sq = (ffn_sq - stats.tokens * stats.ffn_mean**2).clamp_min(0)
+            ffn_sq = stats.tokens * stats.ffn_var
             attn_gram = attn_gram - stats.tokens * torch.outer(stats.attn_mean, stats.attn_mean)
         channels = parts.down_proj.weight.float().norm(dim=0) * ffn_sq.sqrt()
         heads = head_output_norms(w_o, attn_gram, hd, 1)
