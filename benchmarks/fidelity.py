@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_bip import api
-from llm_bip.block_loop import capture_block_inputs, run_block
+from llm_bip.activations import capture_block_inputs, run_block
 from llm_bip.data import load_text, tokenize
 from llm_bip.pipeline import geometry
 

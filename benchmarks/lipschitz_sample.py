@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from llm_bip import api
-from llm_bip.block_loop import capture_block_inputs
+from llm_bip.activations import capture_block_inputs
 from llm_bip.scoring.lipschitz import jvp_power_iteration
 from llm_bip.stats import StatsRequest, collect_block_stats
 

@@ -13,16 +13,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import FAMILIES, tiny_model, tiny_samples
 from llm_bip.adapters import adapter_for
-from llm_bip.allocation import AllocationConfig
+from llm_bip.allocation import AllocationConfig, allocate
 from llm_bip.errors import LlmBipError
 from llm_bip.params import count_parameters
 from llm_bip.pipeline import PruneConfig, geometry, prune, score
 from llm_bip.scoring import make_scorer
 from llm_bip.scoring.base import BlockGeometry
-from llm_bip.scoring.flap import FlapScorer, flap_allocate
+from llm_bip.scoring.flap import FlapScorer
 from llm_bip.scoring.taylor import TaylorScorer, check_gradient_memory
 from llm_bip.scoring.wanda_sp import WandaSpScorer
 from llm_bip.stats import BlockStats
+from llm_bip.widths import BlockWidths
 
 BASELINES = ["flap", "wanda-sp", "taylor", "taylor-vector"]
 
@@ -84,7 +85,7 @@ def toy_block():
     gram[0, 1] = gram[1, 0] = 0.5  # off-diagonal terms must not matter to either score
     stats = BlockStats(tokens=2, attn_sum=torch.tensor([2., 0, 0, 0]), attn_gram=gram,
                        ffn_sum=torch.tensor([0., 2, 0]), ffn_sq=torch.tensor([1., 4, 0]), output_sq=4.0)
-    return parts, stats, BlockGeometry(layer=0, head_dim=2, num_heads=2, num_kv_heads=1, channels=3)
+    return parts, stats, BlockGeometry(layer=0, head_dim=2, widths=BlockWidths(2, 1, 3))
 
 
 def test_wanda_sp_by_hand():
@@ -194,7 +195,7 @@ def test_taylor_leaves_no_gradients_and_restores_flags():
 
 def test_taylor_without_gradient_pass_says_why():
     lm = tiny_model("llama")
-    with pytest.raises(LlmBipError, match="parallel calibration"):
+    with pytest.raises(LlmBipError, match="one gradient pass.*calibration-mode parallel"):
         prune(lm, PruneConfig(method="taylor", ratio=0.2, calibration_mode="sequential"), tiny_samples(),
               progress=False)
 
@@ -223,8 +224,8 @@ def test_flap_allocation_hits_target_and_keeps_one_of_each(gqa_mode, ratio):
     lm = tiny_model("llama")
     table = score(lm, FlapScorer(), tiny_samples(), progress=False)
     target = round(ratio * sum(c.prunable for c in table.costs))
-    widths = flap_allocate(table.costs, target, AllocationConfig(gqa_mode=gqa_mode), table.scores)
-    removed = sum(c.prunable - (c.total(w.num_heads, w.num_kv_heads, w.channels) - c.fixed)
+    widths = allocate(table.costs, target, AllocationConfig(strategy="flap", gqa_mode=gqa_mode), table.scores)
+    removed = sum(c.prunable - (c.total(w) - c.fixed)
                   for c, w in zip(table.costs, widths, strict=True))
     assert 0 <= target - removed < table.costs[0].channel
     for w in widths:
@@ -240,9 +241,10 @@ def test_flap_allocation_follows_scores_across_layers():
         s.channels = torch.full_like(s.channels, -5.0 if layer == 1 else 5.0)
         s.groups = torch.full_like(s.groups, 10.0)
     c = table.costs[1]
-    widths = flap_allocate(table.costs, 10 * c.channel, AllocationConfig(), table.scores)
-    assert [w.channels for w in widths] == [table.costs[0].channels, c.channels - 10, table.costs[2].channels]
+    widths = allocate(table.costs, 10 * c.channel, AllocationConfig(strategy="flap"), table.scores)
+    assert [w.channels for w in widths] == [table.costs[0].widths.channels, c.widths.channels - 10,
+                                            table.costs[2].widths.channels]
     with pytest.raises(LlmBipError, match="prunable layers"):
-        flap_allocate(table.costs, 10 * c.channel, AllocationConfig(prunable_layers=()), table.scores)
-    only = flap_allocate(table.costs, 10 * c.channel, AllocationConfig(prunable_layers=(0,)), table.scores)
-    assert [w.channels for w in only][1:] == [c.channels, table.costs[2].channels]
+        allocate(table.costs, 10 * c.channel, AllocationConfig(strategy="flap", prunable_layers=()), table.scores)
+    only = allocate(table.costs, 10 * c.channel, AllocationConfig(strategy="flap", prunable_layers=(0,)), table.scores)
+    assert [w.channels for w in only][1:] == [c.widths.channels, table.costs[2].widths.channels]

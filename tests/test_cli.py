@@ -57,8 +57,8 @@ def test_score_then_plan_then_prune_with_plan(tiny_dir, texts, tmp_path, capsys)
     common = ["--model", str(tiny_dir)]
     assert main(["score", *common, "--calibration", str(texts / "calib.txt"), "--num-samples", "4",
                  "--seq-len", "32", "--output", str(scores), "--quiet"]) == 0
-    for ratio in ("0.2", "0.5"):
-        assert main(["plan", *common, "--scores", str(scores), "--ratio", ratio, "--output", str(plan)]) == 0
+    for ratio, again in (("0.2", []), ("0.5", ["--overwrite"])):  # replacing our own plan needs --overwrite
+        assert main(["plan", *common, "--scores", str(scores), "--ratio", ratio, "--output", str(plan), *again]) == 0
     assert "removes" in capsys.readouterr().out
     out = tmp_path / "from-plan"
     assert main(["prune", *common, "--plan", str(plan), "--calibration", str(texts / "calib.txt"), "--seq-len", "32",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_model, tiny_samples
+from llm_bip.activations import capture_block_inputs
 from llm_bip.allocation import AllocationConfig, allocate
-from llm_bip.block_loop import capture_block_inputs
 from llm_bip.params import block_costs, count_parameters
 from llm_bip.pipeline import PruneConfig, plan, prune, score
 from llm_bip.scoring import make_scorer
@@ -78,7 +78,7 @@ def test_uniform_target_within_one_channel_per_block(ratio_of):
 
 def test_round_to_multiple():
     lm = tiny_model("llama")
-    costs = [block_costs(lm.adapter, b, 8) for b in lm.adapter.blocks(lm.model)]
+    costs = [block_costs(lm.adapter, b) for b in lm.adapter.blocks(lm.model)]
     widths = allocate(costs, 20_000, AllocationConfig(strategy="uniform", round_to=8))
     assert all(w.channels % 8 == 0 for w in widths)
 
@@ -103,13 +103,13 @@ def test_ffn_score_equals_block_output_change_of_removing_the_channel(family):
     stats, dense = collect_block_stats(block, parts, out, StatsRequest(residual_sample=64), 1)
     from llm_bip.scoring.base import BlockGeometry
 
-    geometry = BlockGeometry(1, lm.adapter.head_dim(lm.model), *lm.adapter.widths(block, lm.adapter.head_dim(lm.model)))
+    geometry = BlockGeometry(1, lm.adapter.head_dim, lm.adapter.widths(block))
     scores = make_scorer("llm-bip", lipschitz="none").score_block(parts, stats, geometry)
     for k in (0, 5, 17):
         column = parts.down_proj.weight[:, k].clone()
         with torch.no_grad():
             parts.down_proj.weight[:, k] = 0
-            from llm_bip.block_loop import run_block
+            from llm_bip.activations import run_block
 
             removed = run_block(block, out)
             parts.down_proj.weight[:, k] = column
@@ -128,14 +128,13 @@ def test_exact_head_reference_matches_measured_removal_and_bounds():
     block, parts = blocks[0], lm.adapter.parts(blocks[0])
     stats, dense = collect_block_stats(block, parts, inputs, StatsRequest(residual_sample=1000), 0)
     assert stats.residual_sample.shape[0] == stats.tokens  # the whole (tiny) data set is the sample
-    from llm_bip.block_loop import run_block
+    from llm_bip.activations import run_block
     from llm_bip.scoring.base import BlockGeometry
 
-    hd = lm.adapter.head_dim(lm.model)
-    geometry = BlockGeometry(0, hd, *lm.adapter.widths(block, hd))
+    geometry = BlockGeometry(0, lm.adapter.head_dim, lm.adapter.widths(block))
     exact = make_scorer("llm-bip", lipschitz="exact").score_block(parts, stats, geometry)
     for h in (0, 3):
-        cols = slice(h * hd, (h + 1) * hd)
+        cols = slice(h * geometry.head_dim, (h + 1) * geometry.head_dim)
         saved = parts.o_proj.weight[:, cols].clone()
         with torch.no_grad():
             parts.o_proj.weight[:, cols] = 0
@@ -195,7 +194,8 @@ def test_group_diagonal_gram_gives_the_scores_of_the_full_gram(family, method):
 
 
 def test_refit_of_o_proj_refuses_a_partial_gram():
-    from llm_bip.pipeline import _refit, geometry
+    from llm_bip.compensation import RefitCompensation
+    from llm_bip.pipeline import geometry
     from llm_bip.plan import BlockPlan
 
     lm = tiny_model("llama")
@@ -207,7 +207,7 @@ def test_refit_of_o_proj_refuses_a_partial_gram():
     plan_ = BlockPlan(layer=0, keep_heads=list(range(g.group_size, g.num_heads)), keep_kv_heads=list(range(1, g.num_kv_heads)),
                       keep_channels=list(range(g.channels)))
     with pytest.raises(AssertionError, match="full Gram"):
-        _refit(lm, block, plan_, stats, 1.0, 0.01)
+        RefitCompensation(1.0, 0.01).compensate(lm.adapter, block, plan_, stats, inputs)
 
 
 def test_text_files_follow_the_wikitext_protocol(tmp_path):
@@ -222,7 +222,7 @@ def test_text_files_follow_the_wikitext_protocol(tmp_path):
 def test_centered_ffn_score_equals_the_change_after_bias_compensation(family):
     """With `centered`, a channel's score is the block-output change of removing it and adding its
     mean contribution back as a bias (what bias compensation then does)."""
-    from llm_bip.block_loop import run_block
+    from llm_bip.activations import run_block
     from llm_bip.pipeline import geometry
 
     lm = tiny_model(family)

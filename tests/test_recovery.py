@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_bip.errors import LlmBipError
 from llm_bip.recovery import LoraRecoveryConfig, alpaca_prompt, load_recovery_data, recover
-from llm_bip.recovery.lora import build_lora_config
+from llm_bip.recovery.lora import build_lora_config, with_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +103,7 @@ def test_merged_weights_give_the_adapter_models_logits(model, tokenizer, tmp_pat
     ids = torch.tensor([tokenizer("Name the colour number 7. Colour 7 is blue.")["input_ids"]])
     with torch.no_grad():
         base = original(input_ids=ids).logits
-    unmerged = get_peft_model(original, build_lora_config(config))
+    unmerged = get_peft_model(original, build_lora_config(with_targets(config, original)))
     adapters = load_file(str(tmp_path / "ckpt" / "checkpoint" / "adapter.safetensors"))
     params = dict(unmerged.named_parameters())
     with torch.no_grad():
@@ -238,9 +238,10 @@ def test_config_round_trips_through_json_and_validates(tmp_path):
     config = LoraRecoveryConfig(micro_batch_size=8, max_steps=100)
     config.save(tmp_path / "lora.json")
     assert LoraRecoveryConfig.load(tmp_path / "lora.json") == config
-    assert LoraRecoveryConfig().to_dict()["target_modules"] == [
+    assert LoraRecoveryConfig().to_dict()["target_modules"] is None  # the model family's adapter decides
+    assert with_targets(LoraRecoveryConfig(), pruned_like_model(32)).target_modules == (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    ]  # fmt: skip
+    )  # fmt: skip
     with pytest.raises(LlmBipError, match="multiple of"):
         LoraRecoveryConfig(batch_size=64, micro_batch_size=5)
     with pytest.raises(LlmBipError, match="unknown field"):

@@ -34,3 +34,18 @@ def test_llm_bip_20_percent_loads_back_and_beats_random(smollm2, wikitext_test, 
             with torch.no_grad():
                 assert torch.allclose(loaded(ids).logits, lm.model(ids).logits, atol=1e-4)
     assert ppl["llm-bip"] < ppl["random"], ppl
+
+
+def test_default_refit_with_tiny_calibration_stays_safe(smollm2, wikitext_test):
+    """4 x 64 calibration tokens once took the default refit to perplexity 66 million (no compensation: 89):
+    fewer tokens than inputs cannot determine a refit, so the plain cut is kept and the run says so."""
+    samples, info = api.calibrate(smollm2, "wikipedia", num_samples=4, seq_len=64)
+    ppl = {}
+    for compensation in ("refit", "none"):
+        lm = copy.deepcopy(smollm2)
+        result = api.prune(lm, PruneConfig(ratio=0.2, compensation=compensation), samples, info, progress=False)
+        ppl[compensation] = api.evaluate(lm, [str(wikitext_test)], [128], max_windows=40,
+                                         progress=False)["wiki.test@128"]["perplexity"]
+        if compensation == "refit":
+            assert all(b["down_proj"].startswith("plain cut: 256 tokens") for b in result.report["compensation"]["blocks"])
+    assert ppl["refit"] <= 1.02 * ppl["none"], ppl

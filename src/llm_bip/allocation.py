@@ -5,7 +5,7 @@
   heads and channels by score per parameter (needs scores in one unit, as LLM-BIP's are);
 - global-adaptive: one model-wide pool ranked by score per parameter, each block's scores divided by
   its output norm ||y||_F (relative change), with at most `max_block_ratio` of any block removed;
-- flap: FLAP's own allocation (scoring/flap.py): one model-wide pool ranked by score alone.
+- flap: FLAP's own allocation (AL-AM): one model-wide pool ranked by score alone.
 
 Every allocator removes head units greedily and then fills the rest of the target with channels, so
 the adaptive allocators land within one channel's parameters of the target (within `round_to`
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from llm_bip.errors import LlmBipError
 from llm_bip.params import BlockCosts
-from llm_bip.plan import GQA_MODES, BlockWidths
+from llm_bip.plan import GQA_MODES
 from llm_bip.scoring.base import BlockScores
+from llm_bip.widths import BlockWidths
 
 ALLOCATIONS = ("uniform", "block-adaptive", "global-adaptive", "flap")
 
@@ -43,11 +44,11 @@ class _HeadUnits:
 
 
 def head_units(costs: BlockCosts, gqa_mode: str) -> _HeadUnits:
-    group_size = costs.num_heads // costs.num_kv_heads
+    group_size = costs.widths.num_heads // costs.widths.num_kv_heads
     if gqa_mode == "kv-groups":
-        return _HeadUnits(costs.num_kv_heads, group_size * costs.head + costs.kv, BlockWidths(group_size, 1, 0))
+        return _HeadUnits(costs.widths.num_kv_heads, group_size * costs.head + costs.kv, BlockWidths(group_size, 1, 0))
     if gqa_mode == "query-heads":
-        return _HeadUnits(group_size, costs.num_kv_heads * costs.head, BlockWidths(costs.num_kv_heads, 0, 0))
+        return _HeadUnits(group_size, costs.widths.num_kv_heads * costs.head, BlockWidths(costs.widths.num_kv_heads, 0, 0))
     raise LlmBipError(f"unknown GQA mode '{gqa_mode}': use one of {', '.join(GQA_MODES)}")
 
 
@@ -55,10 +56,6 @@ def allocate(
     costs: list[BlockCosts], target_removed: int, config: AllocationConfig, scores: list[BlockScores] | None = None
 ) -> list[BlockWidths]:
     """Widths per block that remove `target_removed` parameters (within one channel's parameters)."""
-    if config.strategy == "flap":
-        from llm_bip.scoring.flap import flap_allocate  # lazy: scoring imports this module
-
-        return flap_allocate(costs, target_removed, config, scores)
     layers = list(range(len(costs))) if config.prunable_layers is None else sorted(config.prunable_layers)
     if not layers:
         raise LlmBipError("no prunable layers: widen the layer range")
@@ -69,12 +66,16 @@ def allocate(
             f"cannot remove {target_removed:,} parameters from the prunable blocks (at most {most:,} while "
             "keeping one head unit and one channel per block): lower the ratio or widen the layer range"
         )
+    if config.strategy != "uniform" and scores is None:
+        raise LlmBipError(f"{config.strategy} allocation needs scores")
     if config.strategy == "uniform":
         removed = _uniform(costs, units, layers, target_removed, config)
     elif config.strategy in ("block-adaptive", "global-adaptive"):
-        if scores is None:
-            raise LlmBipError(f"{config.strategy} allocation needs scores")
         removed = _adaptive(costs, units, layers, target_removed, config, scores)
+    elif config.strategy == "flap":
+        if config.round_to > 1:
+            raise LlmBipError("flap allocation does not round widths: use round-to 1")
+        removed = _flap(costs, units, layers, target_removed, config, scores)
     else:
         raise LlmBipError(f"unknown allocation '{config.strategy}': use one of {', '.join(ALLOCATIONS)}")
     if config.round_to > 1:
@@ -84,9 +85,9 @@ def allocate(
 
 def _widths(costs: BlockCosts, units: _HeadUnits, head_units_removed: int, channels_removed: int) -> BlockWidths:
     return BlockWidths(
-        costs.num_heads - head_units_removed * units.per_unit.num_heads,
-        costs.num_kv_heads - head_units_removed * units.per_unit.num_kv_heads,
-        costs.channels - channels_removed,
+        costs.widths.num_heads - head_units_removed * units.per_unit.num_heads,
+        costs.widths.num_kv_heads - head_units_removed * units.per_unit.num_kv_heads,
+        costs.widths.channels - channels_removed,
     )
 
 
@@ -94,7 +95,7 @@ def _fill_channels(costs, layers, removed, remaining: int) -> None:
     """Spread `remaining` parameters over the layers' channels as evenly as the widths allow."""
     channel_cost = costs[layers[0]].channel
     total = round(remaining / channel_cost)
-    free = {i: costs[i].channels - 1 - removed[i][1] for i in layers}
+    free = {i: costs[i].widths.channels - 1 - removed[i][1] for i in layers}
     while total > 0:
         open_layers = [i for i in layers if free[i] > 0]
         if not open_layers:
@@ -119,7 +120,7 @@ def _uniform(costs, units, layers, target, config) -> dict[int, list[int]]:
             removed[i][0] -= 1
     # A target beyond what the channels can give (e.g. head_ratio 0 at a high ratio) takes head units,
     # one per block in turn, until the channels can cover the rest.
-    channel_room = sum((costs[i].channels - 1) * costs[i].channel for i in layers)
+    channel_room = sum((costs[i].widths.channels - 1) * costs[i].channel for i in layers)
     while target - sum(units[j].cost * removed[j][0] for j in layers) > channel_room:
         open_layers = [i for i in layers if removed[i][0] < units[i].count - 1]
         if not open_layers:
@@ -131,7 +132,7 @@ def _uniform(costs, units, layers, target, config) -> dict[int, list[int]]:
     # the channel count per block is rounded, which puts the total within one channel per block.
     per_block = round((target - heads) / (costs[layers[0]].channel * len(layers)))
     for i in layers:
-        removed[i][1] = min(per_block, costs[i].channels - 1)
+        removed[i][1] = min(per_block, costs[i].widths.channels - 1)
     return removed
 
 
@@ -182,7 +183,7 @@ def _greedy(candidates, costs, units, removed, budget: int, cap) -> int:
                 continue
             removed[i][0] += 1
         else:
-            if removed[i][1] >= costs[i].channels - 1:
+            if removed[i][1] >= costs[i].widths.channels - 1:
                 continue
             removed[i][1] += 1
         spent += cost
@@ -202,9 +203,9 @@ def _unit_scores(scores: BlockScores, gqa_mode: str, units: _HeadUnits) -> list[
 
 def _round_channels(costs, units, removed, target, multiple, layers) -> dict[int, list[int]]:
     for i in layers:
-        kept = costs[i].channels - removed[i][1]
+        kept = costs[i].widths.channels - removed[i][1]
         kept = max(multiple, multiple * round(kept / multiple))
-        removed[i][1] = costs[i].channels - min(kept, costs[i].channels)
+        removed[i][1] = costs[i].widths.channels - min(kept, costs[i].widths.channels)
 
     def total() -> int:
         return sum(units[i].cost * removed[i][0] + costs[i].channel * removed[i][1] for i in layers)
@@ -216,8 +217,44 @@ def _round_channels(costs, units, removed, target, multiple, layers) -> dict[int
         if abs(gap) <= step / 2:
             break
         i = layers[n % len(layers)]
-        if gap > 0 and costs[i].channels - removed[i][1] - multiple >= multiple:
+        if gap > 0 and costs[i].widths.channels - removed[i][1] - multiple >= multiple:
             removed[i][1] += multiple
         elif gap < 0 and removed[i][1] >= multiple:
             removed[i][1] -= multiple
+    return removed
+
+
+def _flap(costs, units, layers, target, config, scores) -> dict[int, list[int]]:
+    """FLAP's AL-AM allocation (CASIA-IVA-Lab/FLAP `lib/prune.py`): one list of every head unit and channel
+    of the prunable layers, ranked by score alone (FLAP's scores are standardised per layer); remove from
+    the weakest up while the parameters fit the target.
+
+    FLAP thresholds where the cumulative parameter weight of the kept structures is nearest to
+    (1 - ratio) of the total; skipping a head unit that would overshoot and going on with channels lands
+    within one channel of the target instead, as every allocator here does. Our cut needs one head unit
+    and one channel left in each block (FLAP itself may empty a layer's attention); `max_block_ratio` is
+    not applied, as FLAP has no cap. In kv-groups mode a unit is a KV group (mean of its heads' standardised
+    scores); in query-heads mode a unit takes the r-th weakest query head of every KV group (mean score).
+    """
+    candidates: list[tuple[float, int, int, int]] = []  # (score, kind 0 head unit / 1 channel, layer, rank)
+    for i in layers:
+        if config.gqa_mode == "kv-groups":
+            unit_scores = sorted(scores[i].groups.tolist())
+        else:  # FLAP averages the columns a structure removes
+            unit_scores = scores[i].heads.reshape(-1, units[i].count).sort(dim=1).values.mean(0).tolist()
+        candidates += [(value, 0, i, rank) for rank, value in enumerate(unit_scores)]
+        candidates += [(value, 1, i, k) for k, value in enumerate(scores[i].channels.tolist())]
+    candidates.sort()
+    removed = {i: [0, 0] for i in range(len(costs))}
+    spent = 0
+    smallest = min(costs[i].channel for i in layers)
+    for _value, kind, i, _rank in candidates:
+        if target - spent < smallest:
+            break
+        cost = units[i].cost if kind == 0 else costs[i].channel
+        limit = units[i].count if kind == 0 else costs[i].widths.channels
+        if spent + cost > target or removed[i][kind] >= limit - 1:
+            continue
+        removed[i][kind] += 1
+        spent += cost
     return removed

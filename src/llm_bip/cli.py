@@ -6,52 +6,78 @@
     llm-bip prune --plan plan.json --output out/smollm2-50
     llm-bip eval --model out/smollm2-20 --eval wikitext2 --seq-len 128 2048
     llm-bip info --model out/smollm2-20
+
+Every default of a pruning option is `PruneConfig`'s; an option that cannot apply to the command as
+given is an error, and every check that needs no model runs before the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from llm_bip import api
 from llm_bip.allocation import ALLOCATIONS
-from llm_bip.compare import add_compare_parser
-from llm_bip.data import DEFAULT_CALIBRATION
+from llm_bip.compensation import COMPENSATIONS
+from llm_bip.config import CALIBRATION_MODES, RATIO_OF, REFIT_TARGETS, PruneConfig
+from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_source
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.loading import DEFAULT_MODEL
-from llm_bip.pipeline import CALIBRATION_MODES, COMPENSATIONS, RATIO_OF, REFIT_TARGETS, PruneConfig
-from llm_bip.plan import GQA_MODES, PruningPlan
-from llm_bip.score_table import ScoreTable
+from llm_bip.outputs import check_output_file, is_json_with, write_text_atomic
+from llm_bip.pipeline import RECORD_FORMAT
+from llm_bip.plan import GQA_MODES, PLAN_FORMAT, PruningPlan
+from llm_bip.score_table import ScoreTable, is_scores_file
 from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
 
 log = logging.getLogger("llm_bip")
+DEFAULTS = PruneConfig()
+
+# PruneConfig fields that decide which structures go (a saved plan has decided them already), and the
+# ones that say how the cut is repaired (they apply on top of a plan too).
+STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
+                    "head_ratio", "lipschitz")
+REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target")
 
 
-def _layers(text: str | None) -> tuple[int, ...] | None:
+def _layers(text: str) -> tuple[int, ...]:
     """'4-28' (inclusive start, exclusive end, as Python ranges) or '0,1,5'."""
-    if not text:
-        return None
     try:
         if "-" in text:
             start, end = text.split("-")
-            return tuple(range(int(start), int(end)))
-        return tuple(int(x) for x in text.split(","))
+            layers = tuple(range(int(start), int(end)))
+        else:
+            layers = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise LlmBipError(f"--layers '{text}' is not a range like 4-28 or a list like 0,1,5") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a range like 4-28 or a list like 0,1,5") from None
+    if not layers:
+        raise argparse.ArgumentTypeError(f"'{text}' names no layer (the end is exclusive: 4-28 is 4..27)")
+    return layers
 
 
-def _head_ratio(text: str) -> float | None:
+def _head_ratio(text: str) -> float | str:
     if text == "same":
-        return None
+        return text  # PruneConfig's None ("the same fraction as channels"), told apart from "not given"
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("a fraction in [0, 1) or 'same'") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -65,55 +91,58 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", default=DEFAULT_CALIBRATION,
                    help="wikipedia | lee (offline, from gensim) | wikitext2 | ptb | c4 | a .txt/.raw/.jsonl file")
-    g.add_argument("--num-samples", type=int, default=64)
-    g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--num-samples", type=_positive, default=64)
+    g.add_argument("--seq-len", type=_positive, default=256)
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    g.add_argument("--batch-size", type=_positive, default=8, help="calibration sequences per forward pass")
 
 
 def _add_method(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="llm-bip", help=f"scorer: {', '.join(SCORERS)}")
-    g.add_argument("--lipschitz", default="jvp", choices=LIPSCHITZ_VARIANTS, help="LLM-BIP's L estimate")
+    g.add_argument("--method", help=f"scorer: {', '.join(SCORERS)} (default {DEFAULTS.method})")
+    g.add_argument("--lipschitz", choices=LIPSCHITZ_VARIANTS, help=f"LLM-BIP's L estimate (default {DEFAULTS.lipschitz})")
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("plan")
-    g.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters to remove, in [0, 1)")
-    g.add_argument("--ratio-of", default="non-embedding", choices=RATIO_OF,
-                   help="what the ratio is a fraction of (embeddings are never pruned)")
-    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
-    g.add_argument("--gqa-mode", default="kv-groups", choices=GQA_MODES,
-                   help="prune whole KV groups, or the same number of query heads in every group")
-    g.add_argument("--layers", help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
-    g.add_argument("--round-to", type=int, default=1, help="round kept FFN widths to a multiple of this")
-    g.add_argument("--head-ratio", type=_head_ratio, default=0.0,
+    g = p.add_argument_group("plan (defaults: PruneConfig's)")
+    g.add_argument("--ratio", type=float, help=f"fraction of parameters to remove, in [0, 1) (default {DEFAULTS.ratio})")
+    g.add_argument("--ratio-of", choices=RATIO_OF, help="what the ratio is a fraction of (embeddings are never pruned)")
+    g.add_argument("--allocation", choices=ALLOCATIONS, help=f"default {DEFAULTS.allocation}")
+    g.add_argument("--gqa-mode", choices=GQA_MODES,
+                   help="prune whole KV groups (default), or the same number of query heads in every group")
+    g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
+    g.add_argument("--round-to", type=int, help="round kept FFN widths to a multiple of this (default 1)")
+    g.add_argument("--head-ratio", type=_head_ratio,
                    help="uniform: fraction of head units to remove (default 0: FFN channels first, heads only when "
                         "channels run out); 'same' removes the same fraction as of channels")
-    g.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES)
-    g.add_argument("--compensation", default="refit", choices=COMPENSATIONS)
-    g.add_argument("--refit-target", default="layer", choices=REFIT_TARGETS,
-                   help="refit towards the block's own output, or (sequential) the dense model's")
+
+
+def _add_repair(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("repair (defaults: PruneConfig's)")
+    g.add_argument("--calibration-mode", choices=CALIBRATION_MODES, help=f"default {DEFAULTS.calibration_mode}")
+    g.add_argument("--compensation", choices=COMPENSATIONS, help=f"default {DEFAULTS.compensation}")
+    g.add_argument("--refit-target", choices=REFIT_TARGETS,
+                   help="refit towards the block's own output (default), or (sequential) the dense model's")
 
 
 def _config(args) -> PruneConfig:
-    config = PruneConfig(
-        method=args.method, ratio=args.ratio, ratio_of=args.ratio_of, allocation=args.allocation,
-        gqa_mode=args.gqa_mode, prunable_layers=_layers(args.layers), round_to=args.round_to,
-        head_ratio=args.head_ratio, calibration_mode=getattr(args, "calibration_mode", "parallel"),
-        compensation=getattr(args, "compensation", "none"), lipschitz=getattr(args, "lipschitz", "jvp"),
-        refit_target=getattr(args, "refit_target", "layer"),
-        seed=args.seed if hasattr(args, "seed") else 0,
-    )
-    config.validate()
-    if config.method not in SCORERS:
-        raise LlmBipError(f"unknown method '{config.method}': choose from {', '.join(SCORERS)}")
-    return config
+    """PruneConfig's defaults with what the user gave; validated once, here."""
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if changes.get("head_ratio") == "same":
+        changes["head_ratio"] = None
+    return dataclasses.replace(DEFAULTS, **changes).validate()
+
+
+def _explicit(args, fields: tuple[str, ...]) -> list[str]:
+    return ["--" + f.replace("_", "-").replace("prunable-layers", "layers") for f in fields
+            if getattr(args, f, None) is not None]
 
 
 def _eval_sources(requested: list[str]) -> list[str]:
-    from llm_bip.data import resolve_eval_source
-
+    for source in requested:
+        if source != "auto":
+            check_text_source(source)
     return [resolve_eval_source(source) for source in requested]
 
 
@@ -122,77 +151,96 @@ def _print_ppl(title: str, results: dict) -> None:
         print(f"{title:>8}  {key:<24} ppl {r['perplexity']:10.2f}   ({r['windows']} windows, {r['dtype']})")
 
 
+def _check_report(args, inputs: tuple) -> Path | None:
+    if not args.report:
+        return None
+    return check_output_file(args.report, args.overwrite, inputs, "--report",
+                             ours=lambda p: is_json_with(p, "format", "llm-bip-"))
+
+
 def cmd_score(args) -> None:
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise LlmBipError(f"{out} exists: pass --overwrite or another --output")
+    config = _config(args)
+    check_text_source(args.calibration)
+    out = check_output_file(args.output, args.overwrite, (args.model, args.calibration), "--output", ours=is_scores_file)
     lm = api.load(args.model)
     samples, info = api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
-    table = api.score(lm, samples, args.method, info, args.batch_size, args.dtype, not args.quiet,
-                      lipschitz=args.lipschitz, seed=args.seed)
+    table = api.score(lm, samples, config.method, info, args.batch_size, args.dtype, not args.quiet,
+                      lipschitz=config.lipschitz, seed=config.seed)
     table.save(out)
     print(f"scored {len(table.scores)} blocks with {table.method} in {table.seconds:.1f}s -> {out}")
 
 
 def cmd_plan(args) -> None:
     config = _config(args)
+    out = check_output_file(args.output, args.overwrite, (args.scores, args.model if args.model != "none" else None),
+                            "--output", ours=lambda p: is_json_with(p, "format", PLAN_FORMAT.split("/")[0]))
     table = ScoreTable.load(args.scores)
     lm = api.load(args.model) if args.model != "none" else None
     plan = api.plan(table, config, lm, embedding_parameters=None if lm else args.embedding_parameters)
-    plan.save(args.output)
+    plan.save(out)
     meta = plan.meta
     print(plan.summary())
     print(f"removes {meta['removed']:,} parameters ({meta['removed_fraction']['non_embedding']:.2%} of non-embedding, "
-          f"{meta['removed_fraction']['total']:.2%} of total) -> {args.output}")
+          f"{meta['removed_fraction']['total']:.2%} of total) -> {out}")
 
 
 def cmd_prune(args) -> None:
-    from llm_bip.saving import check_output_dir
+    from llm_bip.outputs import check_output_dir
 
-    config = _config(args)
-    out = check_output_dir(args.output, args.overwrite)
     started = time.perf_counter()
-    lm = api.load(args.model)
+    config = _config(args)
+    plan = PruningPlan.load(args.plan) if args.plan else None
+    if plan is not None:
+        given = _explicit(args, STRUCTURE_FIELDS)
+        if given or args.scores:
+            raise LlmBipError(f"{', '.join(given + (['--scores'] if args.scores else []))} cannot apply with --plan: "
+                              "the plan has already decided which structures go (only calibration and repair options "
+                              "apply on top of it)")
+    if plan is not None and config.compensation == "none" and _explicit(args, ("calibration_mode",)):
+        raise LlmBipError("--calibration-mode cannot apply: a plan applied with --compensation none needs no "
+                          "calibration pass")
+    check_text_source(args.calibration)
+    inputs = (args.model, args.plan, args.scores, args.calibration)
+    out = check_output_dir(args.output, args.overwrite, inputs)
+    report_path = _check_report(args, inputs)
     eval_sources = _eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
-    plan = PruningPlan.load(args.plan) if args.plan else None
-    samples, info = api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
-    if any(api._short(s) == api._short(args.calibration) for s in eval_sources):
+    lm = api.load(args.model)
+    config.validate_for(lm.adapter.num_blocks)
+    api.check_seq_len(lm, args.seq_len)
+    for seq_len in args.eval_seq_len if eval_sources else ():
+        api.check_seq_len(lm, seq_len, "--eval-seq-len")
+    needs_calibration = plan is None or config.compensation != "none"
+    samples, info = (api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
+                     if needs_calibration else (None, {}))
+    if needs_calibration and any(api.short_name(s) == api.short_name(args.calibration) for s in eval_sources):
         log.warning("evaluating on the calibration text '%s': the numbers will be optimistic", args.calibration)
     progress = not args.quiet
     before = {}
     if eval_sources and not args.skip_dense_eval:
-        before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype, progress=progress)
+        before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
+                              progress=progress)
         _print_ppl("dense", before)
-    if plan is not None:
-        result = _apply_saved_plan(lm, plan, config)
-    else:
-        result = api.prune(lm, config, samples, info, scores, args.batch_size, args.dtype, progress)
+    result = api.prune(lm, config, samples, info, scores, args.batch_size, args.dtype, progress, plan=plan)
     report = result.report
+    if plan is not None:
+        report["applied_plan"]["file"] = str(Path(args.plan).resolve())
+    if scores is not None:
+        report["scores_file"] = str(Path(args.scores).resolve())
     after = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                          progress=progress) if eval_sources else {}
     _print_ppl("pruned", after)
+    report["model"] = args.model
+    report["command"] = args.command_line
     report["perplexity"] = {"dense": before, "pruned": after}
     report["plan"] = result.plan.to_json()["blocks"]
-    report["seconds_total"] = time.perf_counter() - started
-    api.save(lm, out, record=report, overwrite=args.overwrite)  # adds the saved format and exact counts
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+    report["timings_seconds"]["command"] = time.perf_counter() - started
+    api.save(lm, out, record=report, overwrite=args.overwrite, inputs=inputs)  # adds the saved format and counts
+    if report_path:
+        write_text_atomic(report_path, json.dumps(report, indent=1, default=str))
     b, a = report["parameters_before"], report["parameters_after"]
     print(f"parameters {b['total']:,} -> {a['total']:,} (non-embedding {b['non_embedding']:,} -> {a['non_embedding']:,}, "
           f"-{1 - a['non_embedding'] / b['non_embedding']:.2%}); saved to {out}")
-
-
-def _apply_saved_plan(lm, plan: PruningPlan, config: PruneConfig):
-    from llm_bip.params import count_parameters
-    from llm_bip.pipeline import PruneResult
-    from llm_bip.surgery import apply_plan
-
-    before = count_parameters(lm.model, lm.adapter)
-    apply_plan(lm.model, lm.adapter, plan)
-    meta = dict(plan.meta)
-    meta["parameters_before"], meta["parameters_after"] = before, count_parameters(lm.model, lm.adapter)
-    return PruneResult(plan=plan, report=meta)
 
 
 def cmd_eval(args) -> None:
@@ -202,8 +250,9 @@ def cmd_eval(args) -> None:
         from llm_bip.evaluation.zeroshot import resolve_task_names
 
         tasks = resolve_task_names(args.tasks)  # unknown names fail before any model loads
+    report_path = _check_report(args, tuple(args.model))
     sources = _eval_sources(args.eval) if args.eval else []
-    report: dict = {"models": {}}
+    report: dict = {"format": RECORD_FORMAT.replace("record", "eval"), "models": {}}
     for name in args.model:
         lm = api.load(name)
         label = Path(name).name if Path(name).exists() else name
@@ -212,37 +261,25 @@ def cmd_eval(args) -> None:
         _print_ppl(label[:8], results)
         entry: dict = {"model": name, "perplexity": results}
         if tasks:
-            from llm_bip.evaluation.zeroshot import evaluate_zero_shot
-
-            entry["zero_shot"] = evaluate_zero_shot(lm.model, lm.tokenizer, tasks, args.task_data, args.limit,
-                                                    args.batch_size)
+            entry["zero_shot"] = api.zero_shot(lm, tasks, args.task_data, args.limit, args.batch_size)
         report["models"][label] = entry
         del lm
     if tasks:
         from llm_bip.evaluation.zeroshot_table import zero_shot_markdown
 
-        table = zero_shot_markdown({label: {"perplexity": _ppl_only(e["perplexity"]), "zero_shot": e["zero_shot"]}
-                                    for label, e in report["models"].items()})
+        table = zero_shot_markdown({label: {"perplexity": {k: r["perplexity"] for k, r in e["perplexity"].items()},
+                                            "zero_shot": e["zero_shot"]} for label, e in report["models"].items()})
         report["markdown"] = table
         print(table)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, default=str))
-
-
-def _ppl_only(results: dict) -> dict:
-    return {key: r["perplexity"] for key, r in results.items()}
+    if report_path:
+        write_text_atomic(report_path, json.dumps(report, indent=1, default=str))
 
 
 def cmd_recover(args) -> None:
-    import dataclasses
+    from llm_bip.outputs import check_output_dir
+    from llm_bip.recovery import LoraRecoveryConfig
+    from llm_bip.saving import read_record
 
-    import torch
-
-    from llm_bip.evaluation.perplexity import DTYPES as _DTYPES
-    from llm_bip.recovery import LoraRecoveryConfig, recover
-    from llm_bip.saving import check_output_dir, read_record
-
-    out = check_output_dir(args.output, args.overwrite)
     config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig()
     changes = {k: v for k, v in {
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
@@ -252,54 +289,47 @@ def cmd_recover(args) -> None:
         "progress_bar": not args.quiet,
     }.items() if v is not None}
     config = dataclasses.replace(config, **changes)
-    lm = api.load(args.model)
+    inputs = (args.model, args.data)
+    out = check_output_dir(args.output, args.overwrite, inputs)
+    report_path = _check_report(args, inputs)
     eval_sources = _eval_sources(args.eval) if args.eval else []
+    lm = api.load(args.model)
     before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                           progress=not args.quiet) if eval_sources else {}
     _print_ppl("before", before)
-    # Frozen base weights in the compute dtype; LoRA weights and the loss stay fp32 (see recovery.lora).
-    lm.model.to(_DTYPES[args.dtype])
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.checkpoints"
     try:
-        model, report = recover(lm.model, lm.tokenizer, args.data, config, checkpoints, resume=args.resume)
+        report = api.recover(lm, args.data, config, checkpoints, resume=args.resume, dtype=args.dtype)
     except KeyboardInterrupt:
         print(f"llm-bip: interrupted; checkpoint saved in {checkpoints}: rerun with --resume", file=sys.stderr)
         raise SystemExit(130) from None
-    lm.model = model.to(torch.float32)
     after = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                          progress=not args.quiet) if eval_sources else {}
     _print_ppl("after", after)
     record = read_record(args.model) if Path(args.model).is_dir() else None
-    full = dict(record or {})
+    full = dict(record or {"format": RECORD_FORMAT})
     full["recovery"] = report
     full["recovery_perplexity"] = {"before": before, "after": after}
-    api.save(lm, out, record=full, overwrite=args.overwrite)
-    if args.report:
-        Path(args.report).write_text(json.dumps(full, indent=1, default=str))
+    api.save(lm, out, record=full, overwrite=args.overwrite, inputs=inputs)
+    if report_path:
+        write_text_atomic(report_path, json.dumps(full, indent=1, default=str))
     print(f"recovered with LoRA for {report.get('steps')} steps; saved to {out}")
 
 
 def cmd_info(args) -> None:
-    from llm_bip.params import count_parameters
-    from llm_bip.pipeline import widths_of
-    from llm_bip.saving import read_record
-
-    lm = api.load(args.model)
-    counts = count_parameters(lm.model, lm.adapter)
-    widths = widths_of(lm)
-    info = {"model": args.model, "model_type": lm.model.config.model_type, "parameters": counts, "layer_widths": widths}
-    record = read_record(args.model) if Path(args.model).is_dir() else None
+    info = api.info(api.load(args.model))
     if args.json:
-        info["pruning_record"] = record
         print(json.dumps(info, indent=1, default=str))
         return
-    print(f"{args.model}: {lm.model.config.model_type}, {counts['total']:,} parameters "
+    counts = info["parameters"]
+    print(f"{args.model}: {info['model_type']}, {counts['total']:,} parameters "
           f"({counts['embedding']:,} embedding, {counts['non_embedding']:,} in blocks)")
     print(f"{'layer':>5} {'heads':>5} {'kv':>3} {'channels':>8}")
-    for i, w in enumerate(widths):
+    for i, w in enumerate(info["layer_widths"]):
         print(f"{i:>5} {w['num_attention_heads']:>5} {w['num_key_value_heads']:>3} {w['intermediate_size']:>8}")
+    record = info["pruning_record"]
     if record:
-        print(f"pruned with {record.get('method')} {record.get('config', {})}")
+        print(f"pruned with {record.get('method') or 'a saved plan'} {record.get('config', {})}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score heads and channels once; save the scores")
     _add_model(p), _add_calibration(p), _add_method(p)
     p.add_argument("--output", default="scores.safetensors")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier scores file of llm-bip")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("plan", help="turn saved scores into a plan at any ratio, without running the model")
@@ -318,20 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the scored model (for the fingerprint check), or 'none'")
     p.add_argument("--embedding-parameters", type=int, default=0, help="with --model none: parameters outside blocks")
     p.add_argument("--output", default="plan.json")
-    p.add_argument("--method", default="llm-bip", help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier plan file of llm-bip")
+    p.add_argument("--method", help=argparse.SUPPRESS)
     _add_plan(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("prune", help="score + plan + cut + save in one, with perplexity before and after")
-    _add_model(p), _add_calibration(p), _add_method(p), _add_plan(p)
-    p.add_argument("--scores", help="reuse a scores file instead of scoring again")
-    p.add_argument("--plan", help="apply a saved plan as it is")
+    _add_model(p), _add_calibration(p), _add_method(p), _add_plan(p), _add_repair(p)
+    p.add_argument("--scores", help="saved scores: with --calibration-mode parallel they replace the scoring pass; "
+                                    "with sequential calibration they decide an adaptive allocation's widths only")
+    p.add_argument("--plan", help="apply a saved plan (made for this model) with the repair options")
     p.add_argument("--output", required=True, help="directory for the pruned model (written atomically)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llm-bip")
     p.add_argument("--eval", nargs="*", default=["auto"],
                    help="evaluation texts (default: auto = wikitext2, or the offline Lee corpus); none to skip")
-    p.add_argument("--eval-seq-len", type=int, nargs="+", default=[128])
-    p.add_argument("--eval-max-windows", type=int, default=200)
+    p.add_argument("--eval-seq-len", type=_positive, nargs="+", default=[128])
+    p.add_argument("--eval-max-windows", type=_positive, default=200)
     p.add_argument("--skip-dense-eval", action="store_true")
     p.add_argument("--report", help="also write the JSON report here")
     p.set_defaults(func=cmd_prune)
@@ -343,14 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--eval", nargs="*", default=["auto"],
                    help="perplexity texts: wikitext2 | ptb | c4 | lee | a text file; none to skip")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[128, 2048])
-    p.add_argument("--max-windows", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=_positive, nargs="+", default=[128, 2048])
+    p.add_argument("--max-windows", type=_positive)
+    p.add_argument("--batch-size", type=_positive, default=4)
     p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness: boolq,piqa,hellaswag,"
                                    "winogrande,arc_easy,arc_challenge,openbookqa or all")
     p.add_argument("--task-data", help="directory of local JSON/JSONL task data (offline; see docs/recovery_and_zeroshot.md)")
-    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--limit", type=_positive, help="at most this many examples per task")
     p.add_argument("--report", help="write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report of llm-bip")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("recover", help="LoRA fine-tuning of a pruned model (LLM-Pruner's recipe), merged and saved")
@@ -358,26 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="yahma/alpaca-cleaned",
                    help="hub dataset name, or a local Alpaca-style JSON/JSONL (instruction/input/output) or text file")
     p.add_argument("--output", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llm-bip")
     p.add_argument("--checkpoint-dir", help="default: OUTPUT.checkpoints next to the output")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-steps", type=_positive)
     p.add_argument("--max-time", type=float, help="stop after this many seconds (a checkpoint is written)")
     p.add_argument("--lr", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="effective batch (gradient accumulation), default 64")
-    p.add_argument("--micro-batch-size", type=int)
-    p.add_argument("--cutoff-len", type=int)
-    p.add_argument("--lora-r", type=int)
+    p.add_argument("--epochs", type=_positive)
+    p.add_argument("--batch-size", type=_positive, help="effective batch (gradient accumulation), default 64")
+    p.add_argument("--micro-batch-size", type=_positive)
+    p.add_argument("--cutoff-len", type=_positive)
+    p.add_argument("--lora-r", type=_positive)
     p.add_argument("--val-set-size", type=int)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--save-steps", type=int)
+    p.add_argument("--warmup-steps", type=int, help="default 100, at most a tenth of the run")
+    p.add_argument("--save-steps", type=_positive)
     p.add_argument("--seed", type=int)
     p.add_argument("--lora-config", help="a LoraRecoveryConfig JSON file")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--eval", nargs="*", default=[], help="perplexity texts before and after (default: none)")
-    p.add_argument("--eval-seq-len", type=int, nargs="+", default=[128])
-    p.add_argument("--eval-max-windows", type=int, default=100)
+    p.add_argument("--eval-seq-len", type=_positive, nargs="+", default=[128])
+    p.add_argument("--eval-max-windows", type=_positive, default=100)
     p.add_argument("--report")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_recover)
@@ -387,15 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+    from llm_bip.compare import add_compare_parser
+
     add_compare_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its message (or --help)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "gensim", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    args.command_line = "llm-bip " + shlex.join(sys.argv[1:] if argv is None else argv)
     if getattr(args, "eval", None) in (["none"], []):
         args.eval = []
     try:
@@ -404,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-bip: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llm-bip: interrupted; nothing was written", file=sys.stderr)
+        print("llm-bip: interrupted; no output was written (an earlier output, if any, is unchanged)", file=sys.stderr)
         return 130
     return 0
 

@@ -1,17 +1,70 @@
-"""Training-free repair of the block output that the cut changed (METHOD.md, "Recovery").
+"""Training-free repair of the block output that a cut changes: compensators the block loop plugs in.
 
-- bias compensation (FLAP): the removed inputs' mean contribution W[:, removed] · mean(x[removed])
-  goes into the output bias of o_proj / down_proj, so the block output keeps its mean;
-- least-squares refit: o_proj / down_proj weights re-solved on the kept inputs to reproduce the dense
-  block output, in closed form from the calibration Gram matrix (ridge-damped).
+Each block, the loop gathers the statistics a compensator asks for (`stats_request`), selects what to
+keep, calls `compensate` on the still uncut block, and cuts. A compensator changes only the weights and
+biases of the kept inputs of o_proj / down_proj, so the cut that follows keeps exactly what it wrote.
+
+- `none`: the cut alone;
+- `bias` (FLAP): the removed inputs' mean contribution W[:, removed] · mean(x[removed]) goes into the
+  output bias, so the block output keeps its mean;
+- `refit`: o_proj / down_proj re-solved on the kept inputs to reproduce the block's own output on the
+  current inputs, in closed form from the calibration Gram matrix (ridge-damped), guarded: a refit the
+  data cannot determine, or one that does worse than the plain cut on the calibration tokens, is not
+  kept (logged, and recorded per block);
+- `refit` towards the dense model (`two_stream.DenseTargetRefit`): the same, matching the dense
+  model's block outputs instead.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from llm_bip.activations import BlockInputs
 from llm_bip.adapters import FamilyAdapter
+from llm_bip.plan import BlockPlan
+from llm_bip.stats import BlockStats, StatsRequest
+from llm_bip.surgery import head_columns
+
+log = logging.getLogger(__name__)
+
+
+class Compensator:
+    """No compensation. Subclasses override what they need."""
+
+    name = "none"
+
+    def stats_request(self, cuts_heads: bool) -> StatsRequest:
+        return StatsRequest()
+
+    def needs_activations(self, has_table: bool) -> bool:
+        """Whether it needs a forward pass (a saved score table keeps the activation means)."""
+        return False
+
+    def start_block(self, adapter: FamilyAdapter, block: nn.Module, layer: int, inputs: BlockInputs) -> None:
+        """Called with the uncut block before its statistics are gathered."""
+
+    def finish_block(self) -> None:
+        """Called once the block is cut and its outputs are the next block's inputs."""
+
+    def compensate(self, adapter: FamilyAdapter, block: nn.Module, plan: BlockPlan, stats: BlockStats,
+                   inputs: BlockInputs) -> dict:
+        """Repair the uncut block for `plan`; returns what was done (for the pruning record)."""
+        return {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs to continue exactly (the dense stream of two-stream refit)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def _kept(plan: BlockPlan, adapter: FamilyAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    return head_columns(plan.keep_heads, adapter.head_dim), torch.tensor(plan.keep_channels, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -24,12 +77,30 @@ def bias_shift(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> 
     """W[:, removed] · mean(x[removed]): the average output that the removed inputs contributed."""
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[keep] = False
-    return weight.float()[:, removed] @ mean.float()[removed]
+    return weight.float()[:, removed.to(weight.device)] @ mean.float().to(weight.device)[removed.to(weight.device)]
+
+
+class BiasCompensation(Compensator):
+    name = "bias"
+
+    def needs_activations(self, has_table: bool) -> bool:
+        return not has_table
+
+    def compensate(self, adapter, block, plan, stats, inputs) -> dict:
+        parts = adapter.parts(block)
+        cols, keep = _kept(plan, adapter)
+        done = {}
+        for key, linear, mean, kept in (("o_proj", parts.o_proj, stats.attn_mean, cols),
+                                        ("down_proj", parts.down_proj, stats.ffn_mean, keep)):
+            if len(kept) < linear.in_features:
+                add_output_bias(adapter, linear, bias_shift(linear.weight, mean, kept))
+                done[key] = "bias"
+        return done
 
 
 def solve_refit(
-    cross: torch.Tensor, gram: torch.Tensor, prior: torch.Tensor, mean: torch.Tensor | None, target_mean: torch.Tensor | None,
-    damping: float = 0.01,
+    cross: torch.Tensor, gram: torch.Tensor, prior: torch.Tensor, mean: torch.Tensor | None,
+    target_mean: torch.Tensor | None, damping: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ridge least squares for W' (and an intercept b) minimising E_t ||t_t - W' x_t - b||^2.
 
@@ -37,19 +108,19 @@ def solve_refit(
     E[x x^T], `mean` = E[x], `target_mean` = E[t]; `prior` is the weight the ridge pulls towards (the
     original W_S), so nothing moves where the data says nothing. The ridge is scaled per input by its
     own energy (damping · G_ii): massive-activation channels, whose energy is orders of magnitude above
-    the rest, neither dominate nor starve the damping of the others.
-    Normal equations: W' (G + D) = E[t x^T] + W_prior D, with D = damping · diag(G).
+    the rest, neither dominate nor starve the damping of the others. Without `mean` no intercept is fit.
+    Normal equations: W' (G + D) = E[t x^T] + W_prior D, with D = damping · diag(G); solved in float64.
     """
     g, c, w0 = gram.double(), cross.double(), prior.double()
     if mean is not None:
         dim = g.shape[0]
-        aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64)
+        aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64, device=g.device)
         aug[:dim, :dim] = g
         aug[:dim, dim] = aug[dim, :dim] = mean.double()
         aug[dim, dim] = 1.0
         g = aug
         c = torch.cat([c, target_mean.double()[:, None]], dim=1)
-        w0 = torch.cat([w0, torch.zeros(w0.shape[0], 1, dtype=torch.float64)], dim=1)
+        w0 = torch.cat([w0, torch.zeros(w0.shape[0], 1, dtype=torch.float64, device=w0.device)], dim=1)
     d = damping * torch.diagonal(g).clamp_min(1e-12)
     solution = torch.linalg.solve(g + torch.diag(d), (c + w0 * d).T).T  # G + D is symmetric
     if mean is not None:
@@ -57,14 +128,89 @@ def solve_refit(
     return solution.float(), None
 
 
-def refit_weight(
-    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor | None = None,
-    damping: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Refit on the kept inputs S to reproduce the layer's own dense output W x (t = W x):
-    E[t x_S^T] = W G_{:,S} and E[t] = W E[x], from the full input Gram `gram` = E[x x^T]."""
-    w, g = weight.double(), gram.double()
-    keep = keep.long()
-    cross = w @ g[:, keep]
-    target_mean = w @ mean.double() if mean is not None else None
-    return solve_refit(cross, g[keep][:, keep], w[:, keep], mean[keep] if mean is not None else None, target_mean, damping)
+def output_error(weight: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, new_weight: torch.Tensor,
+                 keep: torch.Tensor, bias_change: torch.Tensor | None) -> float:
+    """E_t ||W x_t - (W'_S x_S,t + Δb)||^2 over the calibration tokens, from their Gram matrix E[x x^T]
+    and mean: the output error of the layer after a cut to S with new kept weights W'_S and bias change Δb.
+    W'_S = W_S, Δb = 0 is the plain cut."""
+    w = weight.double()
+    diff = w.clone()
+    diff[:, keep] -= new_weight.double()
+    dim = gram.shape[0]
+    aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64, device=gram.device)
+    aug[:dim, :dim] = gram.double()
+    aug[:dim, dim] = aug[dim, :dim] = mean.double()
+    aug[dim, dim] = 1.0
+    shift = -bias_change.double() if bias_change is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    m = torch.cat([diff, shift[:, None]], dim=1)
+    return float(torch.einsum("oi,ij,oj->", m, aug, m).clamp_min(0))
+
+
+@dataclass
+class RefitCompensation(Compensator):
+    """Ridge least-squares refit of o_proj (where heads go) and down_proj (where channels go) on the kept
+    inputs, towards the layer's own output W x on the current calibration inputs.
+
+    Guards, per projection: fewer calibration tokens than kept inputs leaves the fit undetermined (it
+    interpolates the calibration tokens and fails elsewhere), so the plain cut is kept; a refit whose
+    output error on the calibration tokens is above the plain cut's (numerical trouble) is not kept.
+    `intercept` maps a projection to whether an output bias may be fit with it."""
+
+    attn_damping: float = 1.0
+    damping: float = 0.01
+    intercept: dict | None = None
+    name: str = "refit"
+
+    def stats_request(self, cuts_heads: bool) -> StatsRequest:
+        return StatsRequest(ffn_gram=True, full_attn_gram=cuts_heads)
+
+    def needs_activations(self, has_table: bool) -> bool:
+        return True
+
+    @torch.no_grad()
+    def compensate(self, adapter, block, plan, stats, inputs) -> dict:
+        parts = adapter.parts(block)
+        cols, keep = _kept(plan, adapter)
+        n = stats.tokens
+        done = {}
+        for key, linear, kept, gram, mean, ridge in (
+            ("o_proj", parts.o_proj, cols, stats.attn_gram, stats.attn_mean, self.attn_damping),
+            ("down_proj", parts.down_proj, keep, stats.ffn_gram, stats.ffn_mean, self.damping),
+        ):
+            if len(kept) == linear.in_features:
+                continue
+            if key == "o_proj" and stats.attn_gram_block:
+                raise AssertionError("a refit of o_proj needs the full Gram matrix of its input")
+            if n <= len(kept):
+                log.warning("layer %s %s: %d calibration tokens cannot determine a refit of %d inputs; kept the "
+                            "plain cut (use more calibration tokens: --num-samples × --seq-len)", plan.layer, key, n,
+                            len(kept))
+                done[key] = f"plain cut: {n} tokens for {len(kept)} inputs"
+                continue
+            with_intercept = self.intercept is None or self.intercept.get(key, True)
+            done[key] = self._refit(adapter, linear, kept, gram / n, mean, ridge, with_intercept, plan.layer, key)
+        return done
+
+    def _refit(self, adapter, linear, kept, gram, mean, ridge, with_intercept, layer, key) -> str:
+        w = linear.weight.detach().float()
+        g = gram.to(w.device)
+        mu = mean.to(w.device)
+        cross = w.double() @ g.double()[:, kept]
+        target_mean = w.double() @ mu.double() if with_intercept else None
+        new, bias = solve_refit(cross, g[kept][:, kept], w[:, kept], mu[kept] if with_intercept else None,
+                                target_mean, ridge)
+        plain = output_error(w, g, mu, w[:, kept], kept, None)
+        refit = output_error(w, g, mu, new, kept, bias)
+        if not refit < plain or not torch.isfinite(new).all():
+            log.warning("layer %s %s: the refit's calibration error (%.4g) is not below the plain cut's (%.4g); kept "
+                        "the plain cut", layer, key, refit, plain)
+            return f"plain cut: refit error {refit:.4g} >= {plain:.4g}"
+        full = linear.weight.detach().clone()
+        full[:, kept] = new.to(full.dtype)
+        linear.weight.copy_(full)
+        if bias is not None:
+            add_output_bias(adapter, linear, bias)
+        return "refit" + ("" if with_intercept else " (no intercept)")
+
+
+COMPENSATIONS = ("none", "bias", "refit")

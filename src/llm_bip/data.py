@@ -33,12 +33,22 @@ def load_text(source: str | os.PathLike, split: str = "train") -> str:
         return _gensim_text(name)
     if name in HUB_SOURCES:
         return _hub_text(name, split)
+    return _file_text(check_text_source(name))
+
+
+def check_text_source(source: str | os.PathLike) -> Path | None:
+    """A cheap check, before any model loads: a known corpus name (None) or an existing text file (its path)."""
+    name = str(source)
+    if name in OFFLINE_SOURCES or name in HUB_SOURCES:
+        return None
     path = Path(name).expanduser()
     if not path.exists():
         raise LlmBipError(
             f"text source '{name}' is neither a file nor a known name ({', '.join(OFFLINE_SOURCES + HUB_SOURCES)})"
         )
-    return _file_text(path)
+    if path.is_dir():
+        raise LlmBipError(f"{path} is a directory: pass a .txt, .raw, .json or .jsonl file")
+    return path
 
 
 # Offline, WikiText-2 cannot be downloaded; the Lee news corpus in gensim's wheel is real text that
@@ -75,8 +85,6 @@ def resolve_eval_source(source: str) -> str:
 
 
 def _file_text(path: Path) -> str:
-    if path.is_dir():
-        raise LlmBipError(f"{path} is a directory: pass a .txt, .raw, .json or .jsonl file")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

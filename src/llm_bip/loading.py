@@ -91,12 +91,18 @@ def _load_local(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     raise LlmBipError(f"{path} has no config.json (and not exactly one .gguf file): it is not a model directory")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def _load_pretrained(name: str, where: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError) as exc:
         raise LlmBipError(f"cannot read the config of {where}: {_first_line(exc)}") from None
-    adapter_for(_ConfigOnly(config))  # unsupported architectures fail before any weights are read
+    adapter_for(config)  # unsupported architectures fail before any weights are read
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        raise LlmBipError(f"model directory {where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the "
+                          "base model's tokenizer files into it")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001  (safetensors, torch and OS errors all mean "bad checkpoint")
@@ -107,7 +113,8 @@ def _load_pretrained(name: str, where: str) -> tuple[nn.Module, PreTrainedTokeni
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001
-        raise LlmBipError(f"cannot load the tokenizer of {where}: {_first_line(exc)}") from None
+        raise LlmBipError(f"cannot load the tokenizer of {where} ({_one_line(exc)}): copy the base model's tokenizer "
+                          "files into it") from None
     return model, tokenizer
 
 
@@ -141,11 +148,9 @@ def _load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-class _ConfigOnly:
-    """Just enough of a model for `adapter_for` to check a config before loading weights."""
-
-    def __init__(self, config) -> None:
-        self.config = config
+def _one_line(exc: BaseException) -> str:
+    """The whole message on one line (some libraries spread the part that matters over several)."""
+    return " ".join(str(exc).split())[:600] or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:

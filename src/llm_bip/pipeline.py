@@ -1,90 +1,37 @@
-"""The pruning pipeline, one way through: calibrate → score → allocate → select → cut → compensate.
+"""The pruning pipeline, one way through: calibrate → score → allocate → select → compensate → cut.
 
-`score` runs the model once (block by block) and returns a `ScoreTable`; `plan` turns a table into a
-`PruningPlan` without the model; `prune` does both and cuts, either in parallel mode (blocks scored on
-the dense model's activations) or sequentially (each block scored, cut and compensated on the outputs
-of the already-pruned blocks before it).
+`score` walks the blocks once and returns a `ScoreTable`; `plan` turns a table into a `PruningPlan`
+without the model; `prune` allocates widths and walks the blocks once more through the one block loop
+(`block_loop.prune_blocks`), which scores (sequentially: on the outputs of the already pruned blocks),
+selects, compensates and cuts each block in turn.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from llm_bip.allocation import ALLOCATIONS, AllocationConfig, allocate
-from llm_bip.block_loop import BlockInputs, capture_block_inputs, run_block
-from llm_bip.compensation import add_output_bias, bias_shift, refit_weight
+from llm_bip.activations import capture_block_inputs
+from llm_bip.allocation import allocate
+from llm_bip.block_loop import BlockSource, Checkpoint, InMemoryBlocks, LoopResult, Selection, prune_blocks
+from llm_bip.compensation import Compensator
+from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
+from llm_bip.fingerprint import model_fingerprint
 from llm_bip.loading import LoadedModel
-from llm_bip.params import block_costs, count_parameters
-from llm_bip.plan import GQA_MODES, BlockPlan, BlockWidths, PruningPlan, select
-from llm_bip.score_table import ScoreTable, model_fingerprint
-from llm_bip.scoring import Scorer, make_scorer
+from llm_bip.params import BlockCosts, block_costs, count_parameters, counts_from_costs
+from llm_bip.plan import BlockPlan, PruningPlan, select
+from llm_bip.score_table import ScoreTable
+from llm_bip.scoring import Scorer
 from llm_bip.scoring.base import BlockGeometry
-from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
-from llm_bip.surgery import cut_block, head_columns
-from llm_bip.two_stream import prune_block_two_stream
+from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_MODES = ("parallel", "sequential")
-COMPENSATIONS = ("none", "bias", "refit")
-RATIO_OF = ("non-embedding", "total")
-REFIT_TARGETS = ("layer", "dense")
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Everything that decides the pruned model, recorded in its pruning record."""
-
-    method: str = "llm-bip"
-    ratio: float = 0.2
-    ratio_of: str = "non-embedding"
-    allocation: str = "uniform"
-    gqa_mode: str = "kv-groups"
-    prunable_layers: tuple[int, ...] | None = None
-    round_to: int = 1
-    # Defaults measured on SmolLM2-135M (docs/results.md): heads cost far more quality per parameter
-    # than FFN channels, so the uniform default takes channels first (heads only once channels run
-    # out); sequential calibration with a least-squares refit beats parallel and bias compensation.
-    head_ratio: float | None = 0.0
-    max_block_ratio: float = 0.9
-    calibration_mode: str = "sequential"
-    compensation: str = "refit"
-    lipschitz: str = "jvp"
-    refit_damping: float = 0.01  # down_proj's ridge, relative to each input's energy
-    attn_refit_damping: float = 1.0  # o_proj's ridge: its LS fit overfits the calibration text at 0.01
-    refit_target: str = "layer"  # sequential refit towards the block's own output, or the dense model's
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise LlmBipError(f"ratio {self.ratio} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2")
-        for value, allowed, what in (
-            (self.ratio_of, RATIO_OF, "ratio-of"), (self.allocation, ALLOCATIONS, "allocation"),
-            (self.gqa_mode, GQA_MODES, "gqa-mode"), (self.calibration_mode, CALIBRATION_MODES, "calibration mode"),
-            (self.compensation, COMPENSATIONS, "compensation"), (self.refit_target, REFIT_TARGETS, "refit target"),
-        ):
-            if value not in allowed:
-                raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
-        if self.round_to < 1:
-            raise LlmBipError("round-to must be a positive integer")
-        if self.head_ratio is not None and not 0 <= self.head_ratio < 1:
-            raise LlmBipError("head-ratio must be in [0, 1)")
-
-    def allocation_config(self) -> AllocationConfig:
-        return AllocationConfig(
-            strategy=self.allocation, gqa_mode=self.gqa_mode, prunable_layers=self.prunable_layers,
-            round_to=self.round_to, head_ratio=self.head_ratio, max_block_ratio=self.max_block_ratio,
-        )
-
-    def scorer(self) -> Scorer:
-        # With bias compensation next, a structure costs its block-output change after compensation.
-        return make_scorer(self.method, lipschitz=self.lipschitz, seed=self.seed, centered=self.compensation == "bias")
+RECORD_FORMAT = "llm-bip-record/1"
 
 
 @dataclass
@@ -96,18 +43,46 @@ class PruneResult:
 
 
 def geometry(loaded: LoadedModel, layer: int) -> BlockGeometry:
-    head_dim = loaded.adapter.head_dim(loaded.model)
-    heads, kv, channels = loaded.adapter.widths(loaded.adapter.blocks(loaded.model)[layer], head_dim)
-    return BlockGeometry(layer, head_dim, heads, kv, channels)
+    """Block `layer`'s geometry, for a scorer called outside the loop."""
+    adapter = loaded.adapter
+    return BlockGeometry(layer, adapter.head_dim, adapter.widths(adapter.blocks(loaded.model)[layer]))
 
 
-def _costs(loaded: LoadedModel):
-    head_dim = loaded.adapter.head_dim(loaded.model)
-    return [block_costs(loaded.adapter, b, head_dim) for b in loaded.adapter.blocks(loaded.model)]
+def costs_of(loaded: LoadedModel) -> list[BlockCosts]:
+    return [block_costs(loaded.adapter, b) for b in loaded.adapter.blocks(loaded.model)]
 
 
-def _progress(iterable, desc: str, total: int | None = None, show: bool = True):
-    return tqdm(iterable, desc=desc, total=total, disable=not show, unit="block", leave=False)
+def target_parameters(counts: dict, config: PruneConfig) -> int:
+    base = counts["total"] if config.ratio_of == "total" else counts["non_embedding"]
+    return round(config.ratio * base)
+
+
+def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table: ScoreTable | None) -> list[BlockWidths]:
+    alloc = config.allocation_config()
+    if alloc.strategy != "uniform" and table is not None and not table.comparable_units:
+        log.warning("%s scores are not in one unit for heads and channels; %s allocation compares them anyway",
+                    table.method, alloc.strategy)
+    return allocate(costs, target, alloc, table.scores if table is not None else None)
+
+
+def _keep_all(costs: list[BlockCosts]) -> list[BlockWidths]:
+    return [c.widths for c in costs]
+
+
+def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, selection: Selection,
+         compensator: Compensator, source: BlockSource | None = None, progress: bool = True,
+         checkpoint: Checkpoint | None = None) -> LoopResult:
+    """Run the one block loop over `loaded`, with calibration activations if anything needs them."""
+    needs_activations = selection.scores_in_loop() or compensator.needs_activations(selection.table is not None)
+    inputs = None
+    if needs_activations:
+        if samples is None:
+            raise LlmBipError("this prune needs calibration samples")
+        if selection.scores_in_loop():
+            selection.scorer.prepare(loaded, samples, batch_size)  # e.g. Taylor's gradient pass
+        inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size)
+    source = source or InMemoryBlocks(loaded.model, loaded.adapter)
+    return prune_blocks(source, loaded.adapter, inputs, selection, compensator, checkpoint=checkpoint, progress=progress)
 
 
 @torch.no_grad()
@@ -115,217 +90,132 @@ def score(
     loaded: LoadedModel, scorer: Scorer, samples: torch.Tensor, batch_size: int = 8,
     calibration: dict | None = None, progress: bool = True,
 ) -> ScoreTable:
-    """Score every block on the dense model's activations (one forward pass per block)."""
+    """Score every block on the dense model's activations: the block loop with every structure kept."""
     start = time.perf_counter()
-    model, adapter = loaded.model, loaded.adapter
-    scorer.prepare(loaded, samples, batch_size)
-    inputs = capture_block_inputs(model, adapter, samples, batch_size)
-    request = scorer.stats_request()
-    table = []
-    for layer, block in enumerate(_progress(adapter.blocks(model), f"scoring ({scorer.name})", show=progress)):
-        g = geometry(loaded, layer)
-        stats, inputs = collect_block_stats(block, adapter.parts(block), inputs, request, layer, g.group_width)
-        table.append(scorer.score_block(adapter.parts(block), stats, g))
+    costs = costs_of(loaded)
+    fingerprint = model_fingerprint(loaded.model, loaded.adapter)
+    selection = Selection(widths=_keep_all(costs), scorer=scorer, sequential=False)
+    result = walk(loaded, samples, batch_size, selection, Compensator(), progress=progress)
     return ScoreTable(
-        scores=table, costs=_costs(loaded), fingerprint=model_fingerprint(model, adapter), method=scorer.name,
-        options=scorer.options(), calibration=calibration or {}, comparable_units=scorer.comparable_units,
-        seconds=time.perf_counter() - start,
+        scores=result.scores, costs=costs, fingerprint=fingerprint, method=scorer.name, options=scorer.options(),
+        calibration=calibration or {}, comparable_units=scorer.comparable_units, seconds=time.perf_counter() - start,
     )
-
-
-def target_parameters(loaded_or_counts, config: PruneConfig) -> int:
-    counts = loaded_or_counts
-    base = counts["total"] if config.ratio_of == "total" else counts["non_embedding"]
-    return round(config.ratio * base)
-
-
-def counts_from_table(table: ScoreTable, embedding: int) -> dict[str, int]:
-    blocks = sum(c.total(c.num_heads, c.num_kv_heads, c.channels) for c in table.costs)
-    return {"total": blocks + embedding, "embedding": embedding, "non_embedding": blocks}
-
-
-def plan_widths(table_costs, target: int, config: PruneConfig, table: ScoreTable | None) -> list[BlockWidths]:
-    config.validate()
-    alloc = config.allocation_config()
-    if alloc.strategy != "uniform" and table is not None and not table.comparable_units:
-        log.warning("%s scores are not in one unit for heads and channels; %s allocation compares them anyway",
-                    table.method, alloc.strategy)
-    return allocate(table_costs, target, alloc, table.scores if table is not None else None)
 
 
 def plan(table: ScoreTable, config: PruneConfig, embedding_parameters: int) -> PruningPlan:
     """A plan from saved scores alone: allocate widths, then keep the best structures in each block."""
-    counts = counts_from_table(table, embedding_parameters)
+    config.validate_for(len(table.costs))
+    counts = counts_from_costs(table.costs, embedding_parameters)
     target = target_parameters(counts, config)
     widths = plan_widths(table.costs, target, config, table)
     blocks = [
         select(s.heads, s.groups, s.channels, w, config.gqa_mode, layer)
         for layer, (s, w) in enumerate(zip(table.scores, widths, strict=True))
     ]
-    return PruningPlan(blocks=blocks, meta=_plan_meta(table.costs, widths, counts, target, config))
+    meta = plan_meta(table.costs, widths, counts, target)
+    meta.update(config=config.to_json(), method=table.method, scorer_options=table.options, calibration=table.calibration)
+    return PruningPlan(blocks=blocks, meta=meta, fingerprint=table.fingerprint)
 
 
-def _plan_meta(costs, widths: list[BlockWidths], counts: dict, target: int, config: PruneConfig) -> dict:
-    after_blocks = sum(c.total(w.num_heads, w.num_kv_heads, w.channels) for c, w in zip(costs, widths, strict=True))
+def plan_meta(costs: list[BlockCosts], widths: list[BlockWidths], counts: dict, target: int | None) -> dict:
+    after_blocks = sum(c.total(w) for c, w in zip(costs, widths, strict=True))
     removed = counts["non_embedding"] - after_blocks
     return {
-        "config": _config_json(config),
         "target_removed": target,
         "removed": removed,
         "parameters_before": counts,
         "parameters_after": {
             "total": counts["total"] - removed, "embedding": counts["embedding"], "non_embedding": after_blocks,
         },
-        "removed_fraction": {
-            "total": removed / counts["total"], "non_embedding": removed / counts["non_embedding"],
-        },
-        "ratio_means": f"fraction of {config.ratio_of} parameters",
+        "removed_fraction": {"total": removed / counts["total"], "non_embedding": removed / counts["non_embedding"]},
     }
 
 
-def _config_json(config: PruneConfig) -> dict:
-    data = asdict(config)
-    data["prunable_layers"] = list(config.prunable_layers) if config.prunable_layers is not None else None
-    return data
+def check_scores_apply(scores: ScoreTable, config: PruneConfig) -> None:
+    """Saved scores must be this method's, with these options, and must be used by this recipe."""
+    scorer = config.scorer()
+    if scores.method != scorer.name or scores.options != scorer.options():
+        raise LlmBipError(f"the scores file holds {scores.method} scores with {scores.options}, but this prune asks "
+                          f"for {scorer.name} with {scorer.options()}: score again with these options or drop --scores")
+    if config.sequential and config.allocation == "uniform":
+        raise LlmBipError("--scores does nothing here: sequential calibration re-scores every block on the pruned "
+                          "model's activations, and uniform allocation needs no scores; pass --calibration-mode "
+                          "parallel to prune from the saved scores, or drop --scores")
 
 
 def prune(
-    loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor, batch_size: int = 8,
+    loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int = 8,
     calibration: dict | None = None, scores: ScoreTable | None = None, progress: bool = True,
+    fixed_plan: PruningPlan | None = None, source: BlockSource | None = None, checkpoint: Checkpoint | None = None,
 ) -> PruneResult:
-    """Score (unless `scores` are given), plan, cut and compensate `loaded.model` in place."""
-    config.validate()
+    """Score (unless `scores` are given), allocate, select, compensate and cut `loaded.model` in place.
+
+    With `fixed_plan`, its selections are applied as they are (the structure-deciding fields of
+    `config` are not used); compensation and calibration mode still apply. With `scores` (parallel
+    mode), no scoring pass runs; with sequential calibration and an adaptive allocation they decide the
+    widths only, and every block is re-scored on the pruned model's activations."""
+    config.validate_for(loaded.adapter.num_blocks)
     model, adapter = loaded.model, loaded.adapter
-    scorer = config.scorer()
+    started = time.perf_counter()
     timings: dict[str, float] = {}
+    fingerprint = model_fingerprint(model, adapter)
+    costs = costs_of(loaded)
     counts = count_parameters(model, adapter)
-    costs = _costs(loaded)
-    target = target_parameters(counts, config)
-    start = time.perf_counter()
-
-    sequential = config.calibration_mode == "sequential"
-    needs_table = scores is None and (not sequential or config.allocation != "uniform")
-    if scores is not None:
-        scores.check_model(model, adapter)
-    elif needs_table:
-        scores = score(loaded, scorer, samples, batch_size, calibration, progress)
-        timings["score"] = scores.seconds
-    widths = plan_widths(costs, target, config, scores)  # fails fast, before any cutting
-
-    head_dim = adapter.head_dim(model)
-    blocks = adapter.blocks(model)
-    if not sequential and config.compensation != "refit":
-        plan_ = plan(scores, config, counts["embedding"])
-        for layer, block in enumerate(blocks):
-            bp = plan_.blocks[layer]
-            if config.compensation == "bias":
-                _bias_compensate(loaded, block, bp, scores.scores[layer].attn_mean, scores.scores[layer].ffn_mean)
-            cut_block(adapter, block, bp, head_dim)
+    scorer = config.scorer()
+    if fixed_plan is not None:
+        fixed_plan.check_model(fingerprint, "the plan")
+        widths, target = [b.widths for b in fixed_plan.blocks], None
+        if len(widths) != adapter.num_blocks:
+            raise LlmBipError(f"the plan has {len(widths)} blocks but the model has {adapter.num_blocks}")
+        selection = Selection(gqa_mode=config.gqa_mode, widths=widths, fixed=fixed_plan.blocks,
+                              sequential=config.sequential)
+        how = "saved plan"
     else:
-        plan_blocks = _cut_loop(loaded, config, scorer, samples, batch_size, widths, scores, progress)
-        plan_ = PruningPlan(blocks=plan_blocks, meta=_plan_meta(costs, widths, counts, target, config))
-    timings["prune_total"] = time.perf_counter() - start
-    plan_.meta["calibration"] = calibration or {}
-    plan_.meta["method"] = scorer.name
-    plan_.meta["scorer_options"] = scorer.options()
-    after = count_parameters(model, adapter)
-    if after["total"] != plan_.meta["parameters_after"]["total"] and config.compensation == "none":
-        raise AssertionError(f"parameter accounting is off: {after} vs {plan_.meta['parameters_after']}")
-    plan_.meta["parameters_after"] = after  # exact, including any compensation biases
-    report = dict(plan_.meta)
-    report["timings_seconds"] = timings
+        target = target_parameters(counts, config)
+        if scores is not None:
+            scores.check_fingerprint(fingerprint, "the scores file")
+            check_scores_apply(scores, config)
+            how = "saved scores" + (" (allocation only; blocks re-scored sequentially)" if config.sequential else "")
+        elif config.allocation != "uniform":
+            scores = score(loaded, scorer, samples, batch_size, calibration, progress)  # adaptive needs every score first
+            timings["score"] = scores.seconds
+            how = f"{scorer.name} scores ({config.calibration_mode})"
+        else:
+            how = f"{scorer.name} scores ({config.calibration_mode})"
+        widths = plan_widths(costs, target, config, scores)  # fails fast, before any cutting
+        selection = Selection(gqa_mode=config.gqa_mode, widths=widths, scorer=scorer,
+                              table=None if config.sequential else scores, sequential=config.sequential)
+    compensator = config.compensator()
+    start = time.perf_counter()
+    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint)
+    timings["prune"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - started
+    blocks: list[BlockPlan] = result.plans
+    meta = plan_meta(costs, [b.widths for b in blocks], counts, target)
+    meta.update(method=scorer.name if fixed_plan is None else None, scorer_options=scorer.options() if fixed_plan is None else None,
+                calibration=calibration or {})
+    plan_ = PruningPlan(blocks=blocks, meta=dict(meta, config=config.to_json()), fingerprint=fingerprint)
+    report = {
+        "format": RECORD_FORMAT,
+        **meta,
+        "config": config.to_json() if fixed_plan is None else _applied_config(config),
+        "selection": how,
+        "calibration_mode": config.calibration_mode if result.inputs is not None else "none (no forward pass needed)",
+        "compensation": {"method": compensator.name, "blocks": result.compensation},
+        "source_fingerprint": fingerprint,
+        "timings_seconds": timings,
+    }
+    if fixed_plan is not None:
+        report["applied_plan"] = {"fingerprint": fixed_plan.fingerprint, "meta": fixed_plan.meta}
+    report["parameters_after"] = count_parameters(model, adapter)  # exact, compensation biases included
     return PruneResult(plan=plan_, report=report, scores=scores, timings=timings)
 
 
-def _cut_loop(
-    loaded: LoadedModel, config: PruneConfig, scorer: Scorer, samples: torch.Tensor, batch_size: int,
-    widths: list[BlockWidths], table: ScoreTable | None, progress: bool,
-) -> list[BlockPlan]:
-    """Walk the blocks once more: gather statistics on the current inputs, pick (sequential: re-score)
-    the kept structures, cut, compensate, and pass the inputs on: through the pruned block when
-    sequential, through the dense one when parallel."""
-    model, adapter = loaded.model, loaded.adapter
-    sequential = config.calibration_mode == "sequential"
-    head_dim = adapter.head_dim(model)
-    inputs: BlockInputs = capture_block_inputs(model, adapter, samples, batch_size)
-    plans = []
-    if sequential and config.compensation == "refit" and config.refit_target == "dense":
-        dense_inputs = inputs
-        for layer, block in enumerate(_progress(adapter.blocks(model), "pruning (sequential, dense targets)", show=progress)):
-            bp, inputs, dense_inputs = prune_block_two_stream(
-                loaded, block, geometry(loaded, layer), inputs, dense_inputs, scorer, widths[layer],
-                config.gqa_mode, config.attn_refit_damping, config.refit_damping,
-            )
-            plans.append(bp)
-        return plans
-    desc = "pruning (sequential)" if sequential else "pruning"
-    for layer, block in enumerate(_progress(adapter.blocks(model), desc, show=progress)):
-        parts = adapter.parts(block)
-        g = geometry(loaded, layer)
-        cuts_heads = widths[layer].num_heads < g.num_heads
-        block_scorer = scorer if cuts_heads else scorer.channels_only()
-        block_request = block_scorer.stats_request() if sequential else StatsRequest()
-        if config.compensation == "refit":
-            block_request = block_request.union(StatsRequest(ffn_gram=True, full_attn_gram=cuts_heads))
-        stats, dense_out = collect_block_stats(block, parts, inputs, block_request, layer, g.group_width)
-        s = block_scorer.score_block(parts, stats, g) if sequential else table.scores[layer]
-        bp = select(s.heads, s.groups, s.channels, widths[layer], config.gqa_mode, layer)
-        if config.compensation == "bias":
-            _bias_compensate(loaded, block, bp, stats.attn_mean, stats.ffn_mean)
-        elif config.compensation == "refit":
-            _refit(loaded, block, bp, stats, config.attn_refit_damping, config.refit_damping)
-        cut_block(adapter, block, bp, head_dim)
-        plans.append(bp)
-        inputs = run_block(block, inputs, layer=layer) if sequential else dense_out
-    return plans
+def _applied_config(config: PruneConfig) -> dict:
+    """What of the config applies on top of a saved plan."""
+    return {k: v for k, v in config.to_json().items()
+            if k in ("calibration_mode", "compensation", "refit_damping", "attn_refit_damping", "refit_target", "seed")}
 
 
-def _removed_any(keep: list[int], size: int) -> bool:
-    return len(keep) < size
-
-
-def _bias_compensate(loaded: LoadedModel, block, bp: BlockPlan, attn_mean: torch.Tensor, ffn_mean: torch.Tensor) -> None:
-    adapter = loaded.adapter
-    parts = adapter.parts(block)
-    head_dim = adapter.head_dim(loaded.model)
-    cols = head_columns(bp.keep_heads, head_dim)
-    if _removed_any(cols.tolist(), parts.o_proj.in_features):
-        add_output_bias(adapter, parts.o_proj, bias_shift(parts.o_proj.weight, attn_mean, cols))
-    keep = torch.tensor(bp.keep_channels, dtype=torch.long)
-    if _removed_any(bp.keep_channels, parts.down_proj.in_features):
-        add_output_bias(adapter, parts.down_proj, bias_shift(parts.down_proj.weight, ffn_mean, keep))
-
-
-@torch.no_grad()
-def _refit(loaded: LoadedModel, block, bp: BlockPlan, stats: BlockStats, attn_damping: float, damping: float) -> None:
-    """Least-squares refit of o_proj and down_proj (with an intercept) on the kept inputs. The cut
-    that follows keeps exactly those columns."""
-    adapter = loaded.adapter
-    parts = adapter.parts(block)
-    head_dim = adapter.head_dim(loaded.model)
-    n = stats.tokens
-    for linear, keep, gram, mean, ridge in (
-        (parts.o_proj, head_columns(bp.keep_heads, head_dim), stats.attn_gram, stats.attn_mean, attn_damping),
-        (parts.down_proj, torch.tensor(bp.keep_channels, dtype=torch.long), stats.ffn_gram, stats.ffn_mean, damping),
-    ):
-        if not _removed_any(keep.tolist(), linear.in_features):
-            continue
-        if linear is parts.o_proj and stats.attn_gram_block:
-            raise AssertionError("a refit of o_proj needs the full Gram matrix of its input")
-        weight, bias = refit_weight(linear.weight, gram / n, keep, mean, ridge)
-        full = linear.weight.detach().clone()
-        full[:, keep] = weight.to(full.dtype)
-        linear.weight.copy_(full)
-        add_output_bias(adapter, linear, bias)
-
-
-def widths_of(loaded: LoadedModel) -> list[dict]:
-    head_dim = loaded.adapter.head_dim(loaded.model)
-    out = []
-    for block in loaded.adapter.blocks(loaded.model):
-        heads, kv, channels = loaded.adapter.widths(block, head_dim)
-        out.append({"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": channels})
-    return out
-
-
-__all__ = ["CALIBRATION_MODES", "COMPENSATIONS", "PruneConfig", "PruneResult", "plan", "prune", "replace", "score"]
+def widths_of(loaded: LoadedModel) -> list[BlockWidths]:
+    return [loaded.adapter.widths(b) for b in loaded.adapter.blocks(loaded.model)]

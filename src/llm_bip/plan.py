@@ -1,7 +1,8 @@
 """A pruning plan as data: which heads, KV groups and FFN channels each block keeps.
 
-Plans print, save to JSON, load and diff; `surgery.apply_plan` carries one out. Allocators decide
-*how many* of each structure a block keeps (`BlockWidths`); `select` decides *which*, from scores.
+Plans print, save to JSON, load and diff; `api.apply_plan` carries one out. Allocators decide *how
+many* of each structure a block keeps (`BlockWidths`); `select` decides *which*, from scores. A plan
+carries the fingerprint of the model it was made for, and applying it to another model is refused.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ from pathlib import Path
 import torch
 
 from llm_bip.errors import LlmBipError
+from llm_bip.widths import BlockWidths
 
 GQA_MODES = ("kv-groups", "query-heads")
-
-
-@dataclass(frozen=True)
-class BlockWidths:
-    num_heads: int
-    num_kv_heads: int
-    channels: int
+PLAN_FORMAT = "llm-bip-plan/1"
 
 
 @dataclass
@@ -35,28 +31,48 @@ class BlockPlan:
     def widths(self) -> BlockWidths:
         return BlockWidths(len(self.keep_heads), len(self.keep_kv_heads), len(self.keep_channels))
 
+    @classmethod
+    def keep_all(cls, layer: int, widths: BlockWidths) -> BlockPlan:
+        return cls(layer, list(range(widths.num_heads)), list(range(widths.num_kv_heads)), list(range(widths.channels)))
+
 
 @dataclass
 class PruningPlan:
     blocks: list[BlockPlan]
     meta: dict = field(default_factory=dict)
+    fingerprint: str = ""  # of the model the plan was made for
 
     def to_json(self) -> dict:
-        return {"meta": self.meta, "blocks": [asdict(b) for b in self.blocks]}
+        return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint, "meta": self.meta,
+                "blocks": [asdict(b) for b in self.blocks]}
 
     @classmethod
-    def from_json(cls, data: dict) -> PruningPlan:
-        return cls(blocks=[BlockPlan(**b) for b in data["blocks"]], meta=data.get("meta", {}))
+    def from_json(cls, data: dict, where: str = "plan") -> PruningPlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise LlmBipError(f"{where} is not an {PLAN_FORMAT} file (format {data.get('format')!r}; plans from "
+                              "older versions carry no model fingerprint): make it again with `llm-bip plan`")
+        return cls(blocks=[BlockPlan(**b) for b in data["blocks"]], meta=data.get("meta", {}),
+                   fingerprint=data.get("fingerprint", ""))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        from llm_bip.outputs import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LlmBipError(f"cannot read plan {path}: {exc}") from None
+            data = json.loads(Path(path).read_text())
+            return cls.from_json(data, where=str(path))
+        except FileNotFoundError:
+            raise LlmBipError(f"plan file {path} does not exist: make one with `llm-bip plan`") from None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise LlmBipError(f"cannot read plan {path} ({type(exc).__name__}: {exc}): make it again with `llm-bip plan`") from None
+
+    def check_model(self, fingerprint: str, where: str = "the plan") -> None:
+        if self.fingerprint != fingerprint:
+            raise LlmBipError(f"{where} was made for another model (fingerprint {self.fingerprint or 'none'}, this "
+                              f"model {fingerprint}): make a plan for this model with `llm-bip plan` or `llm-bip prune`")
 
     def summary(self) -> str:
         rows = [f"{'layer':>5} {'heads':>5} {'kv':>3} {'channels':>8}"]

@@ -6,9 +6,8 @@ model's fingerprint, the scorer and its options, the calibration, and each block
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file, safe_open, save_file
@@ -16,21 +15,19 @@ from torch import nn
 
 from llm_bip.adapters import FamilyAdapter
 from llm_bip.errors import LlmBipError
+from llm_bip.fingerprint import model_fingerprint
 from llm_bip.params import BlockCosts
 from llm_bip.scoring.base import BlockScores
 
+SCORES_FORMAT = "llm-bip-scores/1"
 
-def model_fingerprint(model: nn.Module, adapter: FamilyAdapter) -> str:
-    """Architecture, widths and a checksum of a few weights: equal only for the same model."""
-    head_dim = adapter.head_dim(model)
-    blocks = adapter.blocks(model)
-    digest = hashlib.sha256()
-    digest.update(f"{model.config.model_type}|{model.config.hidden_size}|{len(blocks)}".encode())
-    for block in blocks:
-        digest.update(str(adapter.widths(block, head_dim)).encode())
-    for linear in (adapter.parts(blocks[0]).o_proj, adapter.parts(blocks[-1]).down_proj):
-        digest.update(f"{float(linear.weight.detach().float().abs().sum()):.6e}".encode())
-    return digest.hexdigest()[:16]
+
+def is_scores_file(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return json.loads((handle.metadata() or {}).get("llm_bip", "{}")).get("format", "").startswith("llm-bip-scores")
+    except Exception:  # noqa: BLE001
+        return False
 
 
 @dataclass
@@ -47,16 +44,19 @@ class ScoreTable:
     def save(self, path: str | Path) -> None:
         tensors = {f"layer.{i}.{name}": t.contiguous() for i, s in enumerate(self.scores) for name, t in s.tensors().items()}
         header = {
+            "format": SCORES_FORMAT,
             "fingerprint": self.fingerprint,
             "method": self.method,
             "options": self.options,
             "calibration": self.calibration,
             "comparable_units": self.comparable_units,
             "seconds": self.seconds,
-            "costs": [asdict(c) for c in self.costs],
+            "costs": [c.to_json() for c in self.costs],
             "blocks": [{"output_norm": s.output_norm, "tokens": s.tokens, "lipschitz": s.lipschitz} for s in self.scores],
         }
-        save_file(tensors, str(path), metadata={"llm_bip": json.dumps(header)})
+        from llm_bip.outputs import write_atomic
+
+        write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"llm_bip": json.dumps(header)}))
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreTable:
@@ -69,6 +69,9 @@ class ScoreTable:
             tensors = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
             raise LlmBipError(f"{path} is not an llm-bip scores file ({type(exc).__name__}): run `llm-bip score` again") from None
+        if header.get("format") != SCORES_FORMAT:
+            raise LlmBipError(f"{path} is not an {SCORES_FORMAT} file (format {header.get('format')!r}): "
+                              "run `llm-bip score` again")
         scores = [
             BlockScores(
                 heads=tensors[f"layer.{i}.heads"], groups=tensors[f"layer.{i}.groups"],
@@ -78,13 +81,16 @@ class ScoreTable:
             for i, block in enumerate(header["blocks"])
         ]
         return cls(
-            scores=scores, costs=[BlockCosts(**c) for c in header["costs"]], fingerprint=header["fingerprint"],
+            scores=scores, costs=[BlockCosts.from_json(c) for c in header["costs"]], fingerprint=header["fingerprint"],
             method=header["method"], options=header["options"], calibration=header["calibration"],
             comparable_units=header["comparable_units"], seconds=header.get("seconds", 0.0),
         )
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, path: str = "scores") -> None:
-        if model_fingerprint(model, adapter) != self.fingerprint:
+        self.check_fingerprint(model_fingerprint(model, adapter), path)
+
+    def check_fingerprint(self, fingerprint: str, path: str = "scores") -> None:
+        if fingerprint != self.fingerprint:
             raise LlmBipError(
                 f"{path} was computed on another model (fingerprint mismatch): score this model with `llm-bip score`"
             )

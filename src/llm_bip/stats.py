@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llm_bip.activations import BlockInputs, run_block
 from llm_bip.adapters import BlockParts
-from llm_bip.block_loop import BlockInputs, run_block
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ class BlockStats:
     residual_sample: torch.Tensor | None = None  # [S, hidden] FFN residual input h
     attn_in_sample: torch.Tensor | None = None  # [S, d_attn] o_proj inputs of the same tokens
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_scores(cls, scores) -> BlockStats:
+        """The means a saved score table kept (enough for bias compensation without a forward pass)."""
+        return cls(tokens=scores.tokens, attn_sum=scores.attn_mean * scores.tokens, ffn_sum=scores.ffn_mean * scores.tokens)
 
     @property
     def attn_mean(self) -> torch.Tensor:

@@ -1,119 +1,163 @@
-"""Sequential pruning against the dense model's own block outputs (error correction).
+"""Refit towards the dense model's own block outputs (error correction), a compensator of the block loop.
 
-Plain sequential calibration refits each block to reproduce *its own* dense output on the pruned
-inputs, so the error that upstream pruning put into the residual stream is carried on. Here the
-dense and the pruned activations travel side by side, and each block's o_proj and down_proj are
-refit so that the pruned block's output matches the *dense model's* output of that block: the
-block-output criterion of the score, applied to the repair. Per block:
+Plain refit makes each block reproduce *its own* dense output on the pruned inputs, so the error that
+upstream pruning put into the residual stream is carried on. Here the dense activations travel beside
+the pruned ones, and each block's o_proj and down_proj are refit so that the pruned block's output
+matches the *dense model's* output of that block. Per block (sequential calibration only):
 
-1. dense stream: run the block on the dense inputs; keep h_d (residual after attention) and y_d;
-2. pruned stream: run the uncut block on the pruned inputs, gather statistics, score, select;
-3. refit o_proj on the kept heads towards t = h_d - x_p, cut the attention;
-4. run attention-cut block on the pruned inputs; refit down_proj on the kept channels towards
-   t = y_d - h_p, cut the FFN, and form the pruned block's output from what was captured.
+1. `start_block`: run the uncut block on the dense stream; keep h_d (residual after attention) and y_d;
+2. refit o_proj's kept columns towards t = h_d - x_p (what the attention output must add to the pruned
+   stream x_p to reach the dense one); zero the removed heads' columns, so the block computes as cut;
+3. run that block on the pruned inputs; refit down_proj's kept columns towards t = y_d - h_p.
+
+Cross terms are accumulated batch by batch in hooks, so no per-token activations are kept.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llm_bip.block_loop import BlockInputs, run_block
-from llm_bip.compensation import add_output_bias, solve_refit
-from llm_bip.loading import LoadedModel
-from llm_bip.plan import BlockPlan, BlockWidths, select
-from llm_bip.scoring.base import BlockGeometry, Scorer
-from llm_bip.stats import collect_block_stats
-from llm_bip.surgery import cut_block, head_columns
+from llm_bip.activations import BlockInputs, run_block
+from llm_bip.compensation import Compensator, add_output_bias, solve_refit
+from llm_bip.stats import StatsRequest
+from llm_bip.surgery import head_columns
 
-
-class _Capture:
-    """Forward pre-hook that keeps a module's input for every batch."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.values: list[torch.Tensor] = []
-        self.handle = module.register_forward_pre_hook(lambda _m, args: self.values.append(args[0]))
-
-    def close(self) -> list[torch.Tensor]:
-        self.handle.remove()
-        return self.values
+log = logging.getLogger(__name__)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).float()
 
 
-@torch.no_grad()
-def prune_block_two_stream(
-    loaded: LoadedModel, block: nn.Module, geometry: BlockGeometry, inputs_p: BlockInputs, inputs_d: BlockInputs,
-    scorer: Scorer, widths: BlockWidths, gqa_mode: str, attn_damping: float, damping: float,
-) -> tuple[BlockPlan, BlockInputs, BlockInputs]:
-    adapter, layer = loaded.adapter, geometry.layer
-    parts = adapter.parts(block)
+class _PerBatch:
+    """A forward pre-hook that calls `fn(batch_index, input)` for each batch of a `run_block` pass."""
 
-    capture = _Capture(parts.post_attention_norm)
-    next_d = run_block(block, inputs_d, layer=layer)
-    h_dense = capture.close()
+    def __init__(self, module: nn.Module, fn) -> None:
+        self.index = 0
 
-    capture = _Capture(parts.o_proj)
-    stats, _ = collect_block_stats(block, parts, inputs_p, scorer.stats_request(), layer)
-    o_pruned = capture.close()
-    scores = scorer.score_block(parts, stats, geometry)
-    plan = select(scores.heads, scores.groups, scores.channels, widths, gqa_mode, layer)
+        def hook(_m, args):
+            fn(self.index, args[0])
+            self.index += 1
 
-    head_dim = geometry.head_dim
-    cols = head_columns(plan.keep_heads, head_dim)
-    if len(plan.keep_heads) < geometry.num_heads:
+        self.handle = module.register_forward_pre_hook(hook)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class DenseTargetRefit(Compensator):
+    name = "refit-dense"
+
+    def __init__(self, attn_damping: float = 1.0, damping: float = 0.01) -> None:
+        self.attn_damping, self.damping = attn_damping, damping
+        self.dense: list[torch.Tensor] | None = None  # the dense stream entering the current block
+        self.h_dense: list[torch.Tensor] = []
+        self.y_dense: list[torch.Tensor] = []
+
+    def stats_request(self, cuts_heads: bool) -> StatsRequest:
+        return StatsRequest(full_attn_gram=cuts_heads)
+
+    def needs_activations(self, has_table: bool) -> bool:
+        return True
+
+    def start_block(self, adapter, block, layer, inputs) -> None:
+        dense = BlockInputs(self.dense if self.dense is not None else inputs.hidden, inputs.kwargs)
+        h: list[torch.Tensor] = []
+        capture = _PerBatch(adapter.parts(block).post_attention_norm, lambda _i, x: h.append(x))
+        try:
+            self.y_dense = run_block(block, dense, layer=layer).hidden
+        finally:
+            capture.close()
+        self.h_dense = h
+
+    @torch.no_grad()
+    def compensate(self, adapter, block, plan, stats, inputs) -> dict:
+        parts = adapter.parts(block)
+        done = {}
+        cols = head_columns(plan.keep_heads, adapter.head_dim)
         n = stats.tokens
-        cross = torch.zeros(parts.o_proj.out_features, len(cols))
-        target_sum = torch.zeros(parts.o_proj.out_features)
-        for o, h_d, x_p in zip(o_pruned, h_dense, inputs_p.hidden, strict=True):
-            target = _flat(h_d) - _flat(x_p)  # what the attention output must add to reach the dense stream
-            cross += target.T @ _flat(o)[:, cols]
-            target_sum += target.sum(0)
-        weight, bias = solve_refit(cross / n, stats.attn_gram[cols][:, cols] / n, parts.o_proj.weight.float()[:, cols],
-                                   stats.attn_mean[cols], target_sum / n, attn_damping)
-        full = parts.o_proj.weight.detach().clone()
-        full[:, cols] = weight.to(full.dtype)
-        parts.o_proj.weight.copy_(full)
-        add_output_bias(adapter, parts.o_proj, bias - (parts.o_proj.bias.float() if parts.o_proj.bias is not None else 0))
-    del o_pruned
-    all_channels = list(range(geometry.channels))
-    cut_block(adapter, block, BlockPlan(layer, plan.keep_heads, plan.keep_kv_heads, all_channels), head_dim)
+        if len(cols) < parts.o_proj.in_features:
+            if n <= len(cols):
+                done["o_proj"] = f"plain cut: {n} tokens for {len(cols)} inputs"
+            else:
+                cross = torch.zeros(parts.o_proj.out_features, len(cols))
+                target_sum = torch.zeros(parts.o_proj.out_features)
 
-    parts = adapter.parts(block)
-    capture_h, capture_a = _Capture(parts.post_attention_norm), _Capture(parts.down_proj)
-    run_block(block, inputs_p, layer=layer)
-    h_pruned, a_pruned = capture_h.close(), capture_a.close()
-    keep = torch.tensor(plan.keep_channels, dtype=torch.long)
-    if len(plan.keep_channels) < geometry.channels:
-        gram = torch.zeros(len(keep), len(keep))
-        cross = torch.zeros(parts.down_proj.out_features, len(keep))
-        a_sum, target_sum, n = torch.zeros(len(keep)), torch.zeros(parts.down_proj.out_features), 0
-        for a, h_p, y_d in zip(a_pruned, h_pruned, next_d.hidden, strict=True):
-            a_s = _flat(a)[:, keep]
-            target = _flat(y_d) - _flat(h_p)
-            gram += a_s.T @ a_s
-            cross += target.T @ a_s
-            a_sum += a_s.sum(0)
-            target_sum += target.sum(0)
-            n += a_s.shape[0]
-        old_bias = parts.down_proj.bias.float() if parts.down_proj.bias is not None else 0
-        weight, bias = solve_refit(cross / n, gram / n, parts.down_proj.weight.float()[:, keep], a_sum / n,
-                                   target_sum / n, damping)
-        full = parts.down_proj.weight.detach().clone()
-        full[:, keep] = weight.to(full.dtype)
-        parts.down_proj.weight.copy_(full)
-        add_output_bias(adapter, parts.down_proj, bias - old_bias)
-    heads_now = list(range(len(plan.keep_heads)))
-    kv_now = list(range(len(plan.keep_kv_heads)))
-    cut_block(adapter, block, BlockPlan(layer, heads_now, kv_now, plan.keep_channels), head_dim)
+                def on_o(i, o):
+                    nonlocal cross, target_sum
+                    target = _flat(self.h_dense[i]) - _flat(inputs.hidden[i])
+                    cross += target.T.cpu() @ _flat(o)[:, cols.to(o.device)].cpu()
+                    target_sum += target.sum(0).cpu()
 
-    # The pruned block's output from what was captured: y = h + down(a_S), no third pass.
-    parts = adapter.parts(block)
-    outputs = []
-    for a, h_p in zip(a_pruned, h_pruned, strict=True):
-        ffn = F.linear(a[..., keep].to(parts.down_proj.weight.dtype), parts.down_proj.weight, parts.down_proj.bias)
-        outputs.append((h_p.float() + ffn.float()).to(h_p.dtype))
-    return plan, BlockInputs(hidden=outputs, kwargs=inputs_p.kwargs), next_d
+                hook = _PerBatch(parts.o_proj, on_o)
+                try:
+                    run_block(block, inputs, layer=plan.layer)
+                finally:
+                    hook.close()
+                weight, bias = solve_refit(cross / n, stats.attn_gram[cols][:, cols] / n,
+                                           parts.o_proj.weight.float()[:, cols.to(parts.o_proj.weight.device)].cpu(),
+                                           stats.attn_mean[cols], target_sum / n, self.attn_damping)
+                self._write(adapter, parts.o_proj, cols, weight, bias)
+                done["o_proj"] = "refit to dense"
+            removed = torch.ones(parts.o_proj.in_features, dtype=torch.bool)
+            removed[cols] = False
+            parts.o_proj.weight[:, removed.to(parts.o_proj.weight.device)] = 0  # the block now computes as cut
+
+        keep = torch.tensor(plan.keep_channels, dtype=torch.long)
+        if len(keep) < parts.down_proj.in_features:
+            if n <= len(keep):
+                done["down_proj"] = f"plain cut: {n} tokens for {len(keep)} inputs"
+                return done
+            out = parts.down_proj.out_features
+            acc = {"gram": torch.zeros(len(keep), len(keep)), "cross": torch.zeros(out, len(keep)),
+                   "a_sum": torch.zeros(len(keep)), "t_sum": torch.zeros(out), "n": 0}
+            h_pruned: dict[int, torch.Tensor] = {}
+
+            def on_norm(i, h):
+                h_pruned[i] = h
+
+            def on_down(i, a):
+                a_s = _flat(a)[:, keep.to(a.device)].cpu()
+                target = (_flat(self.y_dense[i]) - _flat(h_pruned.pop(i))).cpu()
+                acc["gram"] += a_s.T @ a_s
+                acc["cross"] += target.T @ a_s
+                acc["a_sum"] += a_s.sum(0)
+                acc["t_sum"] += target.sum(0)
+                acc["n"] += a_s.shape[0]
+
+            hooks = [_PerBatch(parts.post_attention_norm, on_norm), _PerBatch(parts.down_proj, on_down)]
+            try:
+                run_block(block, inputs, layer=plan.layer)
+            finally:
+                for hook in hooks:
+                    hook.close()
+            m = acc["n"]
+            weight, bias = solve_refit(acc["cross"] / m, acc["gram"] / m,
+                                       parts.down_proj.weight.float()[:, keep.to(parts.down_proj.weight.device)].cpu(),
+                                       acc["a_sum"] / m, acc["t_sum"] / m, self.damping)
+            self._write(adapter, parts.down_proj, keep, weight, bias)
+            done["down_proj"] = "refit to dense"
+        return done
+
+    def finish_block(self) -> None:
+        self.dense, self.h_dense, self.y_dense = self.y_dense, [], []
+
+    @staticmethod
+    def _write(adapter, linear: nn.Linear, kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Kept columns get the refit weights; the bias becomes the fitted intercept (the target already
+        holds the layer's old bias)."""
+        full = linear.weight.detach().clone()
+        full[:, kept.to(full.device)] = weight.to(full.dtype).to(full.device)
+        linear.weight.copy_(full)
+        old = linear.bias.detach().float().cpu() if linear.bias is not None else 0
+        add_output_bias(adapter, linear, bias - old)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"dense.{i}": t for i, t in enumerate(self.dense or [])}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        keys = sorted((k for k in tensors if k.startswith("dense.")), key=lambda k: int(k.split(".")[1]))
+        self.dense = [tensors[k] for k in keys] or None

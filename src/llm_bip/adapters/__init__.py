@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from llm_bip.adapters.base import BlockParts, FamilyAdapter
 from llm_bip.adapters.llama import LlamaAdapter
 from llm_bip.adapters.mistral import MistralAdapter
@@ -20,13 +18,15 @@ def base_model_type(config) -> str:
     return getattr(config, "base_model_type", None) or config.model_type
 
 
-def adapter_for(model: nn.Module) -> FamilyAdapter:
-    model_type = base_model_type(model.config)
+def adapter_for(model_or_config) -> FamilyAdapter:
+    """The adapter of a model (or of a config, before any weights are read)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = base_model_type(config)
     for adapter_cls in ADAPTERS:
         if model_type in adapter_cls.model_types:
-            adapter = adapter_cls()
+            adapter = adapter_cls(config)
             try:
-                adapter.check_supported(model)
+                adapter.check_supported()
             except ValueError as exc:
                 raise LlmBipError(f"unsupported {model_type} variant: {exc}") from None
             return adapter

@@ -1,9 +1,10 @@
 """What the pruning pipeline needs to know about a decoder-only model family.
 
-Scoring, allocation and surgery talk to a model only through a `FamilyAdapter`, so they never test
-`model_type`. Every family supported today is a pre-norm decoder with the same projection names
-(LLaMA's layout); an adapter says where the blocks live and which per-family details matter
-(biases that the stock config can express, per-head norms that must be left alone).
+Scoring, allocation, cutting, saving and recovery talk to a model only through a `FamilyAdapter`, so
+they never test `model_type` or name a projection. Every family supported today is a pre-norm decoder
+with LLaMA's layout (q/k/v/o, gated FFN, RoPE); an adapter says where the blocks live, how a block is
+cut, which output biases the stock config can express and which modules LoRA adapts. A family with
+another layout (fused projections, extra norms) overrides the methods it changes.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_bip.widths import BlockWidths
+
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The modules of one decoder block that pruning touches."""
+    """The modules of one decoder block that scoring and compensation read (never assign through these:
+    `FamilyAdapter.cut` replaces them)."""
 
     attention: nn.Module
     q_proj: nn.Linear
@@ -31,16 +35,36 @@ class BlockParts:
 
 
 class FamilyAdapter:
-    """Base adapter for LLaMA-layout decoders (q/k/v/o + gated FFN, pre-norm, RoPE)."""
+    """Adapter for LLaMA-layout decoders, bound to one model config."""
 
     model_types: tuple[str, ...] = ()
     family: str = ""
-    # Names of the stock config flags that add biases; None where the stock class cannot have one.
+    # Names of the stock config flags that add output biases to o_proj / down_proj; None where the stock
+    # class cannot have one. Each flag also gives biases to the sibling projections listed below.
     o_proj_bias_flag: str | None = None
     down_proj_bias_flag: str | None = None
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    # ----------------------------------------------------------------------------------- layout
+
+    @property
+    def head_dim(self) -> int:
+        config = self.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_hidden_layers
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
+
+    def block_prefix(self, layer: int) -> str:
+        """The prefix of a block's tensors in the checkpoint's state dict."""
+        return f"model.layers.{layer}."
 
     def embedding_parameters(self, model: nn.Module) -> int:
         """Parameters outside the decoder blocks (embeddings, final norm, untied head)."""
@@ -50,35 +74,45 @@ class FamilyAdapter:
     def parts(self, block: nn.Module) -> BlockParts:
         attn, mlp = block.self_attn, block.mlp
         return BlockParts(
-            attention=attn,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            v_proj=attn.v_proj,
-            o_proj=attn.o_proj,
-            post_attention_norm=block.post_attention_layernorm,
-            mlp=mlp,
-            gate_proj=mlp.gate_proj,
-            up_proj=mlp.up_proj,
-            down_proj=mlp.down_proj,
+            attention=attn, q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj, o_proj=attn.o_proj,
+            post_attention_norm=block.post_attention_layernorm, mlp=mlp,
+            gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj,
         )
 
-    def head_dim(self, model: nn.Module) -> int:
-        config = model.config
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-    def widths(self, block: nn.Module, head_dim: int) -> tuple[int, int, int]:
-        """(query heads, KV heads, FFN channels) of a block, read from its weights."""
+    def widths(self, block: nn.Module) -> BlockWidths:
+        """A block's widths, read from its weights."""
         p = self.parts(block)
-        return p.q_proj.out_features // head_dim, p.k_proj.out_features // head_dim, p.down_proj.in_features
+        return BlockWidths(p.q_proj.out_features // self.head_dim, p.k_proj.out_features // self.head_dim,
+                           p.down_proj.in_features)
 
-    def set_attention_widths(self, block: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        """Tell the attention module its new head counts after its projections were sliced."""
-        attn = self.parts(block).attention
-        attn.num_key_value_groups = num_heads // num_kv_heads
-        # Some versions keep these too; keep them truthful where they exist.
-        for name, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
-            if hasattr(attn, name):
+    def output_biases(self, block: nn.Module) -> dict[str, bool]:
+        """Which of the block's output projections carry a bias (compensation adds them)."""
+        p = self.parts(block)
+        return {"o_proj_bias": p.o_proj.bias is not None, "down_proj_bias": p.down_proj.bias is not None}
+
+    # ------------------------------------------------------------------------------------ cutting
+
+    @torch.no_grad()
+    def cut(self, block: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor, channels: torch.Tensor) -> None:
+        """Slice a block to the kept q/o rows (query heads), k/v rows (KV heads) and FFN channels."""
+        p = self.parts(block)
+        attn, mlp = p.attention, p.mlp
+        attn.q_proj = slice_linear(p.q_proj, out_index=q_rows)
+        attn.k_proj = slice_linear(p.k_proj, out_index=kv_rows)
+        attn.v_proj = slice_linear(p.v_proj, out_index=kv_rows)
+        attn.o_proj = slice_linear(p.o_proj, in_index=q_rows)
+        mlp.gate_proj = slice_linear(p.gate_proj, out_index=channels)
+        mlp.up_proj = slice_linear(p.up_proj, out_index=channels)
+        mlp.down_proj = slice_linear(p.down_proj, in_index=channels)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(channels)
+        num_heads, num_kv = len(q_rows) // self.head_dim, len(kv_rows) // self.head_dim
+        attn.num_key_value_groups = num_heads // num_kv
+        for name, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv)):
+            if hasattr(attn, name):  # some versions keep these too; keep them truthful where they exist
                 setattr(attn, name, value)
+
+    # ------------------------------------------------------------------------------------- biases
 
     def stock_bias_config(self, o_proj_bias: bool, down_proj_bias: bool) -> dict | None:
         """Config updates that let the stock class hold these output biases, or None if it cannot."""
@@ -90,14 +124,53 @@ class FamilyAdapter:
                 updates[flag] = True
         return updates
 
-    def check_supported(self, model: nn.Module) -> None:
+    def can_hold_output_bias(self, projection: str) -> bool:
+        """Whether the stock class can hold a bias on `o_proj` or `down_proj`."""
+        return (self.o_proj_bias_flag if projection == "o_proj" else self.down_proj_bias_flag) is not None
+
+    @torch.no_grad()
+    def add_stock_zero_biases(self, block: nn.Module, flags: dict) -> list[nn.Linear]:
+        """The stock bias flags give biases to sibling projections too: give those zero biases so the
+        saved shapes match the config. Returns the projections that got one."""
+        p = self.parts(block)
+        siblings: list[nn.Linear] = []
+        if self.o_proj_bias_flag and flags.get(self.o_proj_bias_flag):
+            siblings += [p.q_proj, p.k_proj, p.v_proj, p.o_proj]
+        if self.down_proj_bias_flag and flags.get(self.down_proj_bias_flag):
+            siblings += [p.gate_proj, p.up_proj, p.down_proj]
+        return [linear for linear in siblings if self.zero_bias_like(linear)]
+
+    @torch.no_grad()
+    def zero_bias_like(self, linear: nn.Linear) -> bool:
+        """Give `linear` a zero bias if it has none; True if it got one."""
+        if linear.bias is not None:
+            return False
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device))
+        return True
+
+    # ------------------------------------------------------------------------------------- checks
+
+    def check_supported(self) -> None:
         """Raise ValueError for a variant of the family that this adapter does not handle."""
-        config = model.config
+        config = self.config
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError("num_attention_heads is not a multiple of num_key_value_heads")
 
-    @torch.no_grad()
-    def zero_bias_like(self, linear: nn.Linear) -> None:
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                   device=linear.weight.device))
+
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None) -> nn.Linear:
+    """A new `nn.Linear` holding the given output rows and input columns of `linear` (same dtype, device)."""
+    weight = linear.weight
+    if out_index is not None:
+        weight = weight.index_select(0, out_index.to(weight.device))
+    if in_index is not None:
+        weight = weight.index_select(1, in_index.to(weight.device))
+    bias = linear.bias
+    if bias is not None and out_index is not None:
+        bias = bias.index_select(0, out_index.to(bias.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
+    return new

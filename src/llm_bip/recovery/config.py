@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm_bip.errors import LlmBipError
-
-LLAMA_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
 
 # Fields that only change what is logged or when the run stops, not the numbers it computes: a resumed run
 # may change them, every other field must match the checkpoint or the continuation would not be exact.
@@ -38,7 +28,8 @@ class LoraRecoveryConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default=LLAMA_TARGET_MODULES)
+    # None: the projections the model family's adapter names (`FamilyAdapter.lora_target_modules`).
+    target_modules: tuple[str, ...] | None = None
     learning_rate: float = 1e-4
     num_epochs: int = 2
     batch_size: int = 64
@@ -58,7 +49,8 @@ class LoraRecoveryConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
         positive = {
             "lora_r": self.lora_r,
             "num_epochs": self.num_epochs,
@@ -89,7 +81,7 @@ class LoraRecoveryConfig:
             raise LlmBipError(f"LoRA recovery: eval_steps must be at least 1 or None, got {self.eval_steps}")
         if self.val_set_size < 0 or self.warmup_steps < 0:
             raise LlmBipError("LoRA recovery: val_set_size and warmup_steps must not be negative")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise LlmBipError("LoRA recovery: target_modules must name at least one module")
 
     @property
@@ -98,7 +90,7 @@ class LoraRecoveryConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["target_modules"] = list(self.target_modules)
+        out["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
         return out
 
     def to_json(self) -> str:

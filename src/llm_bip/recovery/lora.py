@@ -7,6 +7,7 @@ layer; LoRA wraps each `nn.Linear` by its actual shape, so nothing here reads wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ def recover(
     """
     run_start = time.monotonic()
     config = config or LoraRecoveryConfig()
+    config = with_targets(config, model)
     if isinstance(model, PeftModel):
         raise LlmBipError("the model already carries PEFT adapters: pass the plain (pruned) model")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -111,9 +113,11 @@ def recover(
     optimizer = torch.optim.AdamW(
         trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_schedule(config.warmup_steps, total_steps)
-    )
+    warmup = effective_warmup(config.warmup_steps, total_steps)
+    if warmup < config.warmup_steps:
+        log.info("warm-up capped at %d of the run's %d steps (asked for %d): a warm-up longer than a tenth of "
+                 "the run would keep the learning rate low for most of it", warmup, total_steps, config.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
 
     if ckpt is not None:
         _load_trainable(trainable, ckpt.trainable)
@@ -241,6 +245,7 @@ def recover(
         "dropped_examples": data_set.dropped,
         "steps": state.step,
         "total_steps": total_steps,
+        "warmup_steps": warmup,
         "steps_per_epoch": steps_per_epoch,
         "stopped": stopped,
         "resumed_from_step": resumed_from if ckpt is not None else None,
@@ -256,6 +261,15 @@ def recover(
         "config": config.to_dict(),
     }
     return merged, report
+
+
+def with_targets(config: LoraRecoveryConfig, model: nn.Module) -> LoraRecoveryConfig:
+    """The config with its LoRA target modules filled in from the model family's adapter where unset."""
+    if config.target_modules is not None:
+        return config
+    from llm_bip.adapters import adapter_for
+
+    return dataclasses.replace(config, target_modules=adapter_for(model).lora_target_modules)
 
 
 def build_lora_config(config: LoraRecoveryConfig) -> LoraConfig:
@@ -296,6 +310,11 @@ def model_signature(model: nn.Module, target_modules: tuple[str, ...]) -> str:
         )
     blob = json.dumps([type(model).__name__, layers]).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """Warm-up steps, at most a tenth of the run (LLM-Pruner's 100 of ~1,560 steps is 6%)."""
+    return min(warmup_steps, math.ceil(total_steps / 10))
 
 
 def _linear_schedule(warmup_steps: int, total_steps: int):

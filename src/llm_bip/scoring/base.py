@@ -13,19 +13,32 @@ import torch
 
 from llm_bip.adapters import BlockParts
 from llm_bip.stats import BlockStats, StatsRequest
+from llm_bip.widths import BlockWidths
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockGeometry:
+    """Where a block sits and its widths: what a scorer needs to read its weights and statistics."""
+
     layer: int
     head_dim: int
-    num_heads: int
-    num_kv_heads: int
-    channels: int
+    widths: BlockWidths
+
+    @property
+    def num_heads(self) -> int:
+        return self.widths.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.widths.num_kv_heads
+
+    @property
+    def channels(self) -> int:
+        return self.widths.channels
 
     @property
     def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        return self.widths.group_size
 
     @property
     def group_width(self) -> int:

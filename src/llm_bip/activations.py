@@ -1,0 +1,88 @@
+"""Calibration activations between blocks: catch what block 0 receives, run a block over every batch.
+
+Only the modules before block 0 run to catch its inputs, so the blocks themselves may still be on
+disk (streaming). One block's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llm_bip.adapters import FamilyAdapter
+from llm_bip.errors import LlmBipError
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block, one tensor per batch, plus the keyword arguments
+    (rotary embeddings, mask) that the model passes to every block."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: FamilyAdapter, samples: torch.Tensor, batch_size: int
+) -> BlockInputs:
+    """Run the model's embedding stage on each batch and keep what block 0 receives."""
+    first_block = adapter.blocks(model)[0]
+    hidden, kwargs_list = [], []
+
+    def grab(_module, args, kwargs):
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        device = input_device(model, adapter)
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(samples[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=hidden, kwargs=kwargs_list)
+
+
+def input_device(model: nn.Module, adapter: FamilyAdapter) -> torch.device:
+    """Where the token ids go: the device of the input embedding."""
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, layer: int = -1) -> BlockInputs:
+    """Outputs of `block` on every batch: the next block's inputs."""
+    outputs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        out = block(hidden, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        if check_finite and not torch.isfinite(out).all():
+            raise LlmBipError(
+                f"block {layer} produced NaN/Inf on the calibration data: load the weights in float32 "
+                "(--weights-dtype float32) or check the checkpoint"
+            )
+        outputs.append(out)
+    # Autocast keeps a low-precision copy of every weight it casts until its context exits; dropping
+    # them per block holds memory to one block's copies (not the whole model's) and never lets a
+    # stale copy outlive a weight that compensation rewrites in place.
+    torch.clear_autocast_cache()
+    return BlockInputs(hidden=outputs, kwargs=inputs.kwargs)
+
+
+def iterate_batches(inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, dict]]:
+    yield from zip(inputs.hidden, inputs.kwargs, strict=True)

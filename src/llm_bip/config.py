@@ -1,0 +1,114 @@
+"""`PruneConfig`: everything that decides the pruned model, written once with its defaults.
+
+The CLI, the API and `compare` all take their defaults from here, and every check of a configuration
+happens in `validate` (plus `validate_for` against a model's depth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from llm_bip.allocation import ALLOCATIONS, AllocationConfig
+from llm_bip.compensation import COMPENSATIONS, BiasCompensation, Compensator, RefitCompensation
+from llm_bip.errors import LlmBipError
+from llm_bip.plan import GQA_MODES
+from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS, Scorer, make_scorer
+
+CALIBRATION_MODES = ("parallel", "sequential")
+RATIO_OF = ("non-embedding", "total")
+REFIT_TARGETS = ("layer", "dense")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the pruned model, recorded in its pruning record."""
+
+    method: str = "llm-bip"
+    ratio: float = 0.2
+    ratio_of: str = "non-embedding"
+    allocation: str = "uniform"
+    gqa_mode: str = "kv-groups"
+    prunable_layers: tuple[int, ...] | None = None
+    round_to: int = 1
+    # Defaults measured on SmolLM2-135M (docs/results.md): heads cost far more quality per parameter
+    # than FFN channels, so the uniform default takes channels first (heads only once channels run
+    # out); sequential calibration with a least-squares refit beats parallel and bias compensation.
+    head_ratio: float | None = 0.0
+    max_block_ratio: float = 0.9
+    calibration_mode: str = "sequential"
+    compensation: str = "refit"
+    lipschitz: str = "jvp"
+    refit_damping: float = 0.01  # down_proj's ridge, relative to each input's energy
+    attn_refit_damping: float = 1.0  # o_proj's ridge: its LS fit overfits the calibration text at 0.01
+    refit_target: str = "layer"  # sequential refit towards the block's own output, or the dense model's
+    seed: int = 0
+
+    def validate(self) -> PruneConfig:
+        if not isinstance(self.ratio, int | float) or not 0 <= self.ratio < 1:
+            raise LlmBipError(f"ratio {self.ratio} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2")
+        if self.method not in SCORERS:
+            raise LlmBipError(f"unknown method '{self.method}': choose from {', '.join(SCORERS)}")
+        for value, allowed, what in (
+            (self.ratio_of, RATIO_OF, "ratio-of"), (self.allocation, ALLOCATIONS, "allocation"),
+            (self.gqa_mode, GQA_MODES, "gqa-mode"), (self.calibration_mode, CALIBRATION_MODES, "calibration mode"),
+            (self.compensation, COMPENSATIONS, "compensation"), (self.refit_target, REFIT_TARGETS, "refit target"),
+            (self.lipschitz, LIPSCHITZ_VARIANTS, "lipschitz"),
+        ):
+            if value not in allowed:
+                raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise LlmBipError("round-to must be a positive integer")
+        if self.head_ratio is not None and not 0 <= self.head_ratio < 1:
+            raise LlmBipError("head-ratio must be in [0, 1) (or 'same')")
+        if self.prunable_layers is not None and (not self.prunable_layers or min(self.prunable_layers) < 0):
+            raise LlmBipError(f"layers {list(self.prunable_layers)}: give block indices from 0, e.g. 4-28")
+        if self.refit_target == "dense" and (self.compensation != "refit" or self.calibration_mode != "sequential"):
+            raise LlmBipError("refit-target dense needs --compensation refit and --calibration-mode sequential")
+        if self.method.startswith("taylor") and self.calibration_mode == "sequential":
+            raise LlmBipError(f"{self.method} scores come from one gradient pass over the dense model: use "
+                              "--calibration-mode parallel")
+        if self.allocation == "flap" and self.round_to > 1:
+            raise LlmBipError("flap allocation does not round widths: use round-to 1")
+        return self
+
+    def validate_for(self, num_blocks: int) -> PruneConfig:
+        """Checks that need the model's depth (known from its config, before any weights are read)."""
+        self.validate()
+        if self.prunable_layers is not None and max(self.prunable_layers) >= num_blocks:
+            raise LlmBipError(f"layers {_span(self.prunable_layers)} do not exist: the model has {num_blocks} blocks "
+                              f"(0-{num_blocks}, end exclusive)")
+        return self
+
+    def allocation_config(self) -> AllocationConfig:
+        return AllocationConfig(
+            strategy=self.allocation, gqa_mode=self.gqa_mode, prunable_layers=self.prunable_layers,
+            round_to=self.round_to, head_ratio=self.head_ratio, max_block_ratio=self.max_block_ratio,
+        )
+
+    def scorer(self) -> Scorer:
+        # With bias compensation next, a structure costs its block-output change after compensation.
+        return make_scorer(self.method, lipschitz=self.lipschitz, seed=self.seed, centered=self.compensation == "bias")
+
+    def compensator(self) -> Compensator:
+        if self.compensation == "bias":
+            return BiasCompensation()
+        if self.compensation == "refit":
+            if self.refit_target == "dense":
+                from llm_bip.two_stream import DenseTargetRefit
+
+                return DenseTargetRefit(self.attn_refit_damping, self.refit_damping)
+            return RefitCompensation(self.attn_refit_damping, self.refit_damping)
+        return Compensator()
+
+    @property
+    def sequential(self) -> bool:
+        return self.calibration_mode == "sequential"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["prunable_layers"] = list(self.prunable_layers) if self.prunable_layers is not None else None
+        return data
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    return f"{min(layers)}-{max(layers) + 1}" if list(layers) == list(range(min(layers), max(layers) + 1)) else str(list(layers))
