@@ -26,7 +26,7 @@ from llm_bip import api
 from llm_bip.allocation import ALLOCATIONS
 from llm_bip.compensation import COMPENSATIONS
 from llm_bip.config import CALIBRATION_MODES, RATIO_OF, REFIT_TARGETS, PruneConfig
-from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_source
+from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_sources
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.loading import DEFAULT_MODEL
@@ -139,13 +139,6 @@ def _explicit(args, fields: tuple[str, ...]) -> list[str]:
             if getattr(args, f, None) is not None]
 
 
-def _eval_sources(requested: list[str]) -> list[str]:
-    for source in requested:
-        if source != "auto":
-            check_text_source(source)
-    return [resolve_eval_source(source) for source in requested]
-
-
 def _print_ppl(title: str, results: dict) -> None:
     for key, r in results.items():
         print(f"{title:>8}  {key:<24} ppl {r['perplexity']:10.2f}   ({r['windows']} windows, {r['dtype']})")
@@ -203,7 +196,7 @@ def cmd_prune(args) -> None:
     inputs = (args.model, args.plan, args.scores, args.calibration)
     out = check_output_dir(args.output, args.overwrite, inputs)
     report_path = _check_report(args, inputs)
-    eval_sources = _eval_sources(args.eval) if args.eval else []
+    eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
     lm = api.load(args.model)
     config.validate_for(lm.adapter.num_blocks)
@@ -251,7 +244,7 @@ def cmd_eval(args) -> None:
 
         tasks = resolve_task_names(args.tasks)  # unknown names fail before any model loads
     report_path = _check_report(args, tuple(args.model))
-    sources = _eval_sources(args.eval) if args.eval else []
+    sources = resolve_eval_sources(args.eval) if args.eval else []
     report: dict = {"format": RECORD_FORMAT.replace("record", "eval"), "models": {}}
     for name in args.model:
         lm = api.load(name)
@@ -292,7 +285,7 @@ def cmd_recover(args) -> None:
     inputs = (args.model, args.data)
     out = check_output_dir(args.output, args.overwrite, inputs)
     report_path = _check_report(args, inputs)
-    eval_sources = _eval_sources(args.eval) if args.eval else []
+    eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     lm = api.load(args.model)
     before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                           progress=not args.quiet) if eval_sources else {}

@@ -84,6 +84,14 @@ def resolve_eval_source(source: str) -> str:
         return OFFLINE_EVAL_FALLBACK
 
 
+def resolve_eval_sources(requested: list[str]) -> list[str]:
+    """Evaluation texts checked (cheaply, before any model loads) and `auto` resolved."""
+    for source in requested:
+        if source != "auto":
+            check_text_source(source)
+    return [resolve_eval_source(source) for source in requested]
+
+
 def _file_text(path: Path) -> str:
     try:
         raw = path.read_text(encoding="utf-8")

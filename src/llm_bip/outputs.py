@@ -24,6 +24,8 @@ from pathlib import Path
 from llm_bip.errors import LlmBipError
 
 RECORD_FILE = "pruning_record.json"
+# Files in which an llm-bip output directory lists what llm-bip wrote there.
+MANIFESTS = (RECORD_FILE, "compare.json")
 PARTIAL_MARKER = ".llm-bip-partial"  # inside every temporary directory we create
 _TMP_TAG, _OLD_TAG = ".tmp-", ".old-"
 
@@ -134,13 +136,14 @@ def check_output_dir(path: str | Path, overwrite: bool, inputs: Iterable = (), w
 
 
 def files_not_ours(directory: Path) -> list[str]:
-    """Files in `directory` that no llm-bip record there lists (all of them if it has no record)."""
+    """Files in `directory` that no llm-bip manifest there lists (all of them if it has none)."""
     present = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    try:
-        record = json.loads((directory / RECORD_FILE).read_text())
-        listed = set(record.get("files", [])) | {RECORD_FILE}
-    except (OSError, ValueError, AttributeError):
-        listed = set()
+    listed: set[str] = set()
+    for manifest in MANIFESTS:
+        try:
+            listed |= set(json.loads((directory / manifest).read_text()).get("files", [])) | {manifest}
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
     return [name for name in present if name not in listed]
 
 

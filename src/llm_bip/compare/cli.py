@@ -56,23 +56,10 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_eval(sources: list[str]) -> list[str]:
-    from llm_bip.data import HUB_SOURCES, OFFLINE_SOURCES, resolve_eval_source
-
-    resolved = []
-    for source in sources:
-        if source == "auto":
-            source = resolve_eval_source(source)
-        elif source not in HUB_SOURCES + OFFLINE_SOURCES and not Path(source).expanduser().is_file():
-            raise LlmBipError(f"evaluation text '{source}' is neither a file nor one of "
-                              f"{', '.join(HUB_SOURCES + OFFLINE_SOURCES)}")
-        resolved.append(source)
-    return resolved
-
-
 def cmd_compare(args) -> None:
     from llm_bip import api
-    from llm_bip.data import load_text, tokenize
+    from llm_bip.data import check_text_source, load_text, resolve_eval_sources, tokenize
+    from llm_bip.outputs import check_output_dir
 
     config = CompareConfig(
         methods=tuple(args.methods), ratios=tuple(args.ratios), eval_seq_lens=tuple(args.eval_seq_len),
@@ -80,10 +67,9 @@ def cmd_compare(args) -> None:
         gqa_mode=args.gqa_mode, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
     )
     config.recipes()  # bad methods and ratios fail before the model loads
-    out = Path(args.output)
-    if out.exists() and (out / "compare.json").exists() and not args.overwrite:
-        raise LlmBipError(f"{out} already holds a comparison: pass --overwrite or another --output")
-    sources = _resolve_eval(args.eval)
+    check_text_source(args.calibration)
+    out = check_output_dir(args.output, args.overwrite, (args.model, args.calibration, *args.eval))
+    sources = resolve_eval_sources(args.eval)
     progress = not args.quiet
     lm = api.load(args.model)
     check_runnable(lm, config.recipes(), config, (args.num_samples, args.seq_len))  # before calibration and scoring

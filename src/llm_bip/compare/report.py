@@ -33,10 +33,6 @@ def write_outputs(result: CompareResult, out: Path, config: CompareConfig, heade
     all_rows = [result.dense, *result.rows]
     files: dict[str, str] = {}
 
-    data = {**header, "config": asdict(config), "dense": result.dense, "rows": result.rows, "costs": result.costs}
-    (out / "compare.json").write_text(json.dumps(data, indent=1, default=str))
-    files["json"] = str(out / "compare.json")
-
     columns = ["method", "ratio", "removed_non_embedding", "removed_total", "parameters", *[f"ppl {k}" for k in keys],
                "prune_seconds", "error"]
     with open(out / "compare.csv", "w", newline="") as handle:
@@ -77,4 +73,9 @@ def write_outputs(result: CompareResult, out: Path, config: CompareConfig, heade
         perplexity_plot(result.rows, key, result.dense["perplexity"].get(key), path, f"{header['model']}: {key}")
         files[f"plot {key}"] = str(path)
     files["plot cost"] = str(cost_plot(result.costs, out / "cost.png"))
+    # Last, with the list of what was written: a later --overwrite replaces only these files.
+    files["json"] = str(out / "compare.json")
+    data = {**header, "config": asdict(config), "dense": result.dense, "rows": result.rows, "costs": result.costs,
+            "files": sorted(Path(p).name for p in files.values())}
+    (out / "compare.json").write_text(json.dumps(data, indent=1, default=str))
     return files

@@ -25,6 +25,7 @@ from llm_bip.compare.report import CompareResult, write_outputs
 from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
 from llm_bip.loading import LoadedModel
+from llm_bip.outputs import check_output_dir, staging_dir, swap_into_place
 from llm_bip.params import count_parameters
 from llm_bip.pipeline import costs_of, target_parameters
 from llm_bip.score_table import ScoreTable
@@ -83,8 +84,7 @@ def compare(
     """
     recipes = config.recipes()
     check_runnable(loaded, recipes, config, tuple(samples.shape))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, overwrite=True, what="compare output")  # an empty or earlier comparison only
     num_layers = loaded.adapter.num_blocks
     before = count_parameters(loaded.model, loaded.adapter)
 
@@ -147,7 +147,10 @@ def compare(
 
     dense = {"method": "dense", "ratio": 0.0, "perplexity": dense_ppl, **_sizes(before, before)}
     result = CompareResult(rows=rows, costs=costs, dense=dense)
-    result.files = write_outputs(result, out, config, {"model": loaded.source, "calibration": calibration or {}})
+    with staging_dir(out) as tmp:
+        written = write_outputs(result, tmp, config, {"model": loaded.source, "calibration": calibration or {}})
+        swap_into_place(tmp, out)
+    result.files = {kind: str(out / Path(path).name) for kind, path in written.items()}
     return result
 
 
