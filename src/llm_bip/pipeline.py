@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llm_bip.activations import capture_block_inputs
+from llm_bip.activations import BlockInputs, capture_block_inputs
 from llm_bip.allocation import allocate
 from llm_bip.block_loop import BlockSource, Checkpoint, InMemoryBlocks, LoopResult, Selection, prune_blocks
 from llm_bip.compensation import Compensator
 from llm_bip.config import PruneConfig
+from llm_bip.devices import out_of_memory_is_an_error
 from llm_bip.errors import LlmBipError
-from llm_bip.fingerprint import model_fingerprint
+from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel
 from llm_bip.params import BlockCosts, block_costs, count_parameters, counts_from_costs
 from llm_bip.plan import BlockPlan, PruningPlan, select
@@ -69,9 +70,29 @@ def _keep_all(costs: list[BlockCosts]) -> list[BlockWidths]:
     return [c.widths for c in costs]
 
 
+@dataclass
+class Resume:
+    """Where an interrupted run stopped: the next block, the loop's result so far, and (if the run
+    passes activations on) the hidden states entering that block."""
+
+    start: int
+    result: LoopResult
+    hidden: list[torch.Tensor] | None
+    compensator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def blocks_of(loaded: LoadedModel) -> BlockSource:
+    """The model's blocks: in memory, or read from the checkpoint one at a time (streamed, not written)."""
+    if loaded.streamed:
+        from llm_bip.streaming import StreamedBlocks
+
+        return StreamedBlocks(loaded)
+    return InMemoryBlocks(loaded.model, loaded.adapter)
+
+
 def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, selection: Selection,
          compensator: Compensator, source: BlockSource | None = None, progress: bool = True,
-         checkpoint: Checkpoint | None = None) -> LoopResult:
+         checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> LoopResult:
     """Run the one block loop over `loaded`, with calibration activations if anything needs them."""
     needs_activations = selection.scores_in_loop() or compensator.needs_activations(selection.table is not None)
     inputs = None
@@ -79,10 +100,20 @@ def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, sel
         if samples is None:
             raise LlmBipError("this prune needs calibration samples")
         if selection.scores_in_loop():
+            if loaded.streamed and type(selection.scorer).prepare is not Scorer.prepare:
+                raise LlmBipError(f"{selection.scorer.name} needs a gradient pass over the whole model, which "
+                                  "streaming cannot hold: use llm-bip, flap, wanda-sp, magnitude or random")
             selection.scorer.prepare(loaded, samples, batch_size)  # e.g. Taylor's gradient pass
-        inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size)
-    source = source or InMemoryBlocks(loaded.model, loaded.adapter)
-    return prune_blocks(source, loaded.adapter, inputs, selection, compensator, checkpoint=checkpoint, progress=progress)
+        with out_of_memory_is_an_error(loaded.device, "catching the calibration activations"):
+            inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size)
+    start, result = 0, None
+    if resume is not None:
+        start, result = resume.start, resume.result
+        if inputs is not None:
+            inputs = BlockInputs([h.to(loaded.device) for h in resume.hidden], inputs.kwargs)
+    with out_of_memory_is_an_error(loaded.device, "pruning"):
+        return prune_blocks(source or blocks_of(loaded), loaded.adapter, inputs, selection, compensator, start,
+                            result, checkpoint, progress)
 
 
 @torch.no_grad()
@@ -93,7 +124,7 @@ def score(
     """Score every block on the dense model's activations: the block loop with every structure kept."""
     start = time.perf_counter()
     costs = costs_of(loaded)
-    fingerprint = model_fingerprint(loaded.model, loaded.adapter)
+    fingerprint = fingerprint_of(loaded)
     selection = Selection(widths=_keep_all(costs), scorer=scorer, sequential=False)
     result = walk(loaded, samples, batch_size, selection, Compensator(), progress=progress)
     return ScoreTable(
@@ -147,6 +178,7 @@ def prune(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int = 8,
     calibration: dict | None = None, scores: ScoreTable | None = None, progress: bool = True,
     fixed_plan: PruningPlan | None = None, source: BlockSource | None = None, checkpoint: Checkpoint | None = None,
+    resume: Resume | None = None,
 ) -> PruneResult:
     """Score (unless `scores` are given), allocate, select, compensate and cut `loaded.model` in place.
 
@@ -158,7 +190,7 @@ def prune(
     model, adapter = loaded.model, loaded.adapter
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    fingerprint = model_fingerprint(model, adapter)
+    fingerprint = fingerprint_of(loaded)
     costs = costs_of(loaded)
     counts = count_parameters(model, adapter)
     scorer = config.scorer()
@@ -187,7 +219,9 @@ def prune(
                               table=None if config.sequential else scores, sequential=config.sequential)
     compensator = config.compensator()
     start = time.perf_counter()
-    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint)
+    if resume is not None:
+        compensator.load_state(resume.compensator_state)
+    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint, resume)
     timings["prune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
     blocks: list[BlockPlan] = result.plans
@@ -208,6 +242,7 @@ def prune(
     if fixed_plan is not None:
         report["applied_plan"] = {"fingerprint": fixed_plan.fingerprint, "meta": fixed_plan.meta}
     report["parameters_after"] = count_parameters(model, adapter)  # exact, compensation biases included
+    report["plan"] = plan_.to_json()["blocks"]
     return PruneResult(plan=plan_, report=report, scores=scores, timings=timings)
 
 

@@ -123,8 +123,9 @@ def save_pruned(
             log.info("the stock config's %s gives %d sibling projections zero biases", flags, added)
         if save_dtype is not None:
             model.to(save_dtype)
-            config.dtype = save_dtype
-        config.architectures = [type(model).__name__] if fmt == STOCK_FORMAT else config.architectures
+        config.dtype = next(model.parameters()).dtype
+        if fmt == STOCK_FORMAT:
+            config.architectures = [type(model).__name__]
         original = model.config
         model.config = config
         try:
@@ -141,6 +142,15 @@ def save_pruned(
         swap_into_place(tmp, out)
     log.info("saved %s (%s)", out, fmt)
     return out
+
+
+def update_record(model_dir: Path, updates: dict) -> None:
+    """Add to the record of an output llm-bip wrote (e.g. perplexities measured after saving)."""
+    from llm_bip.outputs import write_text_atomic
+
+    record = read_record(model_dir) or {}
+    record.update(updates)
+    write_text_atomic(model_dir / RECORD_FILE, json.dumps(record, indent=1, default=str))
 
 
 def read_record(model_dir: str | Path) -> dict | None:

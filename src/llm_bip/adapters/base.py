@@ -43,6 +43,9 @@ class FamilyAdapter:
     # class cannot have one. Each flag also gives biases to the sibling projections listed below.
     o_proj_bias_flag: str | None = None
     down_proj_bias_flag: str | None = None
+    # Paths inside a block of the two projections whose inputs are pruned (for reading them from disk).
+    o_proj_name: str = "self_attn.o_proj"
+    down_proj_name: str = "mlp.down_proj"
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config) -> None:
@@ -65,6 +68,9 @@ class FamilyAdapter:
     def block_prefix(self, layer: int) -> str:
         """The prefix of a block's tensors in the checkpoint's state dict."""
         return f"model.layers.{layer}."
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
 
     def embedding_parameters(self, model: nn.Module) -> int:
         """Parameters outside the decoder blocks (embeddings, final norm, untied head)."""
@@ -128,17 +134,20 @@ class FamilyAdapter:
         """Whether the stock class can hold a bias on `o_proj` or `down_proj`."""
         return (self.o_proj_bias_flag if projection == "o_proj" else self.down_proj_bias_flag) is not None
 
-    @torch.no_grad()
-    def add_stock_zero_biases(self, block: nn.Module, flags: dict) -> list[nn.Linear]:
-        """The stock bias flags give biases to sibling projections too: give those zero biases so the
-        saved shapes match the config. Returns the projections that got one."""
-        p = self.parts(block)
-        siblings: list[nn.Linear] = []
+    def stock_bias_siblings(self, flags: dict) -> list[str]:
+        """Projections (paths inside a block) that the stock bias flags give a bias: they need a zero one
+        where they have none, so the saved shapes match the config."""
+        siblings: list[str] = []
         if self.o_proj_bias_flag and flags.get(self.o_proj_bias_flag):
-            siblings += [p.q_proj, p.k_proj, p.v_proj, p.o_proj]
+            siblings += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
         if self.down_proj_bias_flag and flags.get(self.down_proj_bias_flag):
-            siblings += [p.gate_proj, p.up_proj, p.down_proj]
-        return [linear for linear in siblings if self.zero_bias_like(linear)]
+            siblings += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        return siblings
+
+    @torch.no_grad()
+    def add_stock_zero_biases(self, block: nn.Module, flags: dict) -> list[str]:
+        """Give the stock flags' sibling projections zero biases where they have none; returns their paths."""
+        return [path for path in self.stock_bias_siblings(flags) if self.zero_bias_like(block.get_submodule(path))]
 
     @torch.no_grad()
     def zero_bias_like(self, linear: nn.Linear) -> bool:

@@ -1,0 +1,137 @@
+"""Out-of-core pruning and evaluation: the block loop fed from disk, one block in memory at a time.
+
+`StreamedBlocks` is the `BlockSource` of a streamed model: it reads one block's tensors from the
+checkpoint onto the device, and once the loop has pruned it, writes it into its own output shard and
+frees it. Peak memory is the input embedding, one block, and the calibration activations. The output
+is a sharded safetensors checkpoint with its index (`ShardWriter`): shard 1 holds the input
+embedding, shard i + 2 block i, and the last the final norm, the LM head and any zero biases the stock
+config needs, so a resumed run only rewrites what it had not finished.
+
+`streamed_perplexity` evaluates a model that does not fit in memory the same way: every window's
+activations go through one block at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from llm_bip.activations import capture_block_inputs, run_block
+from llm_bip.loading import LoadedModel, input_side_names, materialize, output_side_names
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class StreamedBlocks:
+    """Blocks read from the checkpoint on `load`; on `done`, written to the writer (if any) and freed."""
+
+    def __init__(self, loaded: LoadedModel, writer: ShardWriter | None = None) -> None:
+        self.loaded, self.writer = loaded, writer
+        self.dtype = next(p for p in loaded.model.parameters() if p.device.type != "meta").dtype
+
+    def load(self, layer: int) -> nn.Module:
+        adapter, checkpoint = self.loaded.adapter, self.loaded.checkpoint
+        prefix = adapter.block_prefix(layer)
+        block = adapter.blocks(self.loaded.model)[layer]
+        names = [prefix + name for name in block.state_dict()]
+        materialize(self.loaded.model, checkpoint, names, self.dtype, self.loaded.device)
+        return block
+
+    def done(self, layer: int, block: nn.Module) -> None:
+        if self.writer is not None:
+            prefix = self.loaded.adapter.block_prefix(layer)
+            self.writer.write(block_shard(layer), {prefix + k: v for k, v in block.state_dict().items()})
+        block.to("meta")  # frees its memory; shapes stay (parameter counts still add up)
+
+
+def block_shard(layer: int) -> int:
+    return layer + 2
+
+
+class ShardWriter:
+    """Writes numbered safetensors shards into a directory (each atomically), then their index."""
+
+    def __init__(self, directory: Path, num_shards: int, dtype: torch.dtype) -> None:
+        self.directory, self.num_shards, self.dtype = directory, num_shards, dtype
+
+    def name(self, shard: int) -> str:
+        return f"model-{shard:05d}-of-{self.num_shards:05d}.safetensors"
+
+    def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        cpu = {k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in tensors.items()}
+        path = self.directory / self.name(shard)
+        tmp = path.with_suffix(".partial")
+        save_file(cpu, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)
+
+    def written(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every tensor in the shards written so far: name -> (file, shape)."""
+        out = {}
+        for shard in range(1, self.num_shards + 1):
+            path = self.directory / self.name(shard)
+            if path.is_file():
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():
+                        out[key] = (path.name, tuple(handle.get_slice(key).get_shape()))
+        return out
+
+    def finish_index(self) -> None:
+        written = self.written()
+        total = sum(math.prod(shape) * torch.finfo(self.dtype).bits // 8 for _file, shape in written.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: v[0] for k, v in sorted(written.items())}}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def write_input_side(loaded: LoadedModel, writer: ShardWriter) -> None:
+    names = [n for n in input_side_names(loaded.model, loaded.adapter) if n in loaded.checkpoint.names()]
+    writer.write(1, loaded.checkpoint.tensors(names, None))
+
+
+def write_output_side(loaded: LoadedModel, writer: ShardWriter, zero_biases: dict[str, int]) -> None:
+    """Final norm and LM head from the checkpoint, and zero biases (name -> length) for the stock config."""
+    names = [n for n in output_side_names(loaded.model, loaded.adapter) if n in loaded.checkpoint.names()]
+    tensors = loaded.checkpoint.tensors(names, None)
+    tensors.update({name: torch.zeros(length) for name, length in zero_biases.items()})
+    writer.write(writer.num_shards, tensors)
+
+
+@torch.no_grad()
+def streamed_perplexity(loaded: LoadedModel, ids: torch.Tensor, source: str, seq_len: int, windows: int,
+                        batch_size: int, dtype: str, progress: bool = True) -> dict:
+    """Perplexity of a streamed model: all windows through one block at a time, then norm and head."""
+    start = time.perf_counter()
+    model, adapter = loaded.model, loaded.adapter
+    data = ids[: windows * seq_len].view(windows, seq_len)
+    inputs = capture_block_inputs(model, adapter, data, batch_size)
+    blocks = StreamedBlocks(loaded)
+    for layer in tqdm(range(adapter.num_blocks), desc=f"perplexity {source}@{seq_len} (streamed)",
+                      disable=not progress, leave=False, unit="block"):
+        block = blocks.load(layer)
+        inputs = run_block(block, inputs, layer=layer)
+        blocks.done(layer, block)
+    out_names = [n for n in output_side_names(model, adapter) if n in loaded.checkpoint.names()]
+    materialize(model, loaded.checkpoint, out_names, blocks.dtype, loaded.device)
+    model.tie_weights()
+    norm, head = adapter.final_norm(model), model.get_output_embeddings()
+    losses = []
+    for i, hidden in enumerate(inputs.hidden):
+        batch = data[i * batch_size : (i + 1) * batch_size].to(loaded.device)
+        logits = head(norm(hidden)).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        losses += loss.view(batch.shape[0], -1).mean(1).tolist()
+    for name in out_names:  # free the norm and an untied head again (a tied head is the embedding)
+        model.get_submodule(name.rsplit(".", 1)[0]).to("meta")
+    mean = sum(losses) / len(losses)
+    return {"source": str(source), "seq_len": seq_len, "windows": windows, "tokens": windows * seq_len,
+            "perplexity": math.exp(mean), "dtype": str(blocks.dtype).removeprefix("torch."), "streamed": True,
+            "seconds": time.perf_counter() - start}
