@@ -7,6 +7,7 @@ falls back to the CPU. An out-of-memory error on a device becomes a message that
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 from collections.abc import Iterator
 
@@ -70,6 +71,18 @@ def free_memory_bytes(device: torch.device) -> int | None:
         except ImportError:
             return None
     return None
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Hand memory freed since the last call back to the system. glibc keeps freed heap for reuse, and
+    blocks of changing sizes (dense in, pruned out) fragment it: without this a streamed run's resident
+    memory grows by about a block per block instead of staying at one block."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager

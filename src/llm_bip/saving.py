@@ -124,8 +124,7 @@ def save_pruned(
         if save_dtype is not None:
             model.to(save_dtype)
         config.dtype = next(model.parameters()).dtype
-        if fmt == STOCK_FORMAT:
-            config.architectures = [type(model).__name__]
+        architectures = [type(model).__name__] if fmt == STOCK_FORMAT else list(config.architectures)
         original = model.config
         model.config = config
         try:
@@ -134,6 +133,7 @@ def save_pruned(
             raise os_error(exc, out) from None
         finally:
             model.config = original
+        config.architectures = architectures  # save_pretrained set them from the class it saved
         write_model_files(tmp, config, fmt, tokenizer)
         full_record = record if record is not None else {}
         full_record["parameters_after"] = count_parameters(model, adapter)  # on disk, zero biases included

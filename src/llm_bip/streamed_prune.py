@@ -94,14 +94,19 @@ def prune_streamed(
     if state is None:
         partial = PartialRun.start(out, key)
     writer = ShardWriter(partial.directory, loaded.adapter.num_blocks + 2, save_dtype)
+    blocks = StreamedBlocks(loaded, writer)
     if state is None:
         write_input_side(loaded, writer)
+    finished_before = list(state.result.plans) if state is not None else []
     try:
         result = prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan,
-                       source=StreamedBlocks(loaded, writer), checkpoint=partial, resume=state)
+                       source=blocks, checkpoint=partial, resume=state)
     except KeyboardInterrupt:
         raise LlmBipError(f"interrupted: the blocks done so far are kept in {partial.directory}; rerun with --resume "
                           "to continue") from None
+    written = writer.written()
+    for layer, block_plan in enumerate(finished_before):  # after the loop: its widths were planned on the dense model
+        blocks.replay(layer, block_plan, written)
     report = dict(record or {}, **result.report)
     report["streamed"] = True
     finish_output(loaded, writer, partial, report, save_dtype)

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llm_bip.activations import capture_block_inputs, run_block
+from llm_bip.devices import release_freed_memory
 from llm_bip.loading import LoadedModel, input_side_names, materialize, output_side_names
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,11 +47,24 @@ class StreamedBlocks:
         materialize(self.loaded.model, checkpoint, names, self.dtype, self.loaded.device)
         return block
 
+    def replay(self, layer: int, plan, written: dict) -> None:
+        """Give a block an interrupted run already wrote its pruned shape (on the meta device): its cut,
+        and the biases compensation gave it, so the layout and parameter counts are those of the output."""
+        from llm_bip.surgery import cut_block
+
+        block = self.loaded.adapter.blocks(self.loaded.model)[layer]
+        cut_block(self.loaded.adapter, block, plan)
+        prefix = self.loaded.adapter.block_prefix(layer)
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and module.bias is None and f"{prefix}{name}.bias" in written:
+                module.bias = nn.Parameter(torch.empty(module.out_features, device="meta", dtype=module.weight.dtype))
+
     def done(self, layer: int, block: nn.Module) -> None:
         if self.writer is not None:
             prefix = self.loaded.adapter.block_prefix(layer)
             self.writer.write(block_shard(layer), {prefix + k: v for k, v in block.state_dict().items()})
         block.to("meta")  # frees its memory; shapes stay (parameter counts still add up)
+        release_freed_memory(self.loaded.device)
 
 
 def block_shard(layer: int) -> int:

@@ -7,9 +7,12 @@ thread reads VmRSS instead. Each result says which.
 
 from __future__ import annotations
 
-import ctypes
 import re
 import threading
+
+import torch
+
+from llm_bip.devices import release_freed_memory
 
 
 class PeakMemory:
@@ -24,7 +27,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         # No gc.collect(): a model copy dies by reference count (it holds no cycles), and a full collection
         # costs a quarter second per call once transformers is imported.
-        _malloc_trim()  # freed heap stays resident otherwise, and would hide new allocations
+        release_freed_memory(torch.device("cpu"))  # freed heap stays resident otherwise, and would hide new allocations
         self.start = _status_kib("VmRSS") * 1024
         if _reset_high_water_mark():
             self.how = "VmHWM after reset via /proc/self/clear_refs"
@@ -67,10 +70,3 @@ def _reset_high_water_mark() -> bool:
         return _status_kib("VmHWM") > 0
     except OSError:
         return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
