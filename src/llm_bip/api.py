@@ -149,7 +149,7 @@ def evaluate(
         for seq_len in seq_lens:
             bs = window_batch_size(batch_size, seq_len)
             windows = max_windows(seq_len) if callable(max_windows) else max_windows
-            key = f"{short_name(source)}@{seq_len}"
+            key = f"{source if tokenized else short_name(source)}@{seq_len}"
             with out_of_memory_is_an_error(loaded.device, f"evaluating {key}"):
                 if loaded.streamed:
                     from llm_bip.streaming import streamed_perplexity

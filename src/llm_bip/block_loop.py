@@ -115,7 +115,8 @@ def prune_blocks(
             dense_out = None
         else:
             compensator.start_block(adapter, block, layer, inputs)
-            request = (scorer.stats_request() if scorer else StatsRequest()).union(compensator.stats_request(cuts_heads))
+            request = (scorer.stats_request() if scorer else StatsRequest()).union(
+                compensator.stats_request(geometry, target, inputs.num_tokens))
             stats, dense_out = collect_block_stats(block, parts, inputs, request, layer, geometry.group_width)
         if selection.fixed is not None:
             plan = selection.fixed[layer]

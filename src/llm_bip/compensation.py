@@ -26,8 +26,10 @@ from torch import nn
 from llm_bip.activations import BlockInputs
 from llm_bip.adapters import FamilyAdapter
 from llm_bip.plan import BlockPlan
+from llm_bip.scoring.base import BlockGeometry
 from llm_bip.stats import BlockStats, StatsRequest
 from llm_bip.surgery import head_columns
+from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ class Compensator:
 
     name = "none"
 
-    def stats_request(self, cuts_heads: bool) -> StatsRequest:
+    def stats_request(self, geometry: BlockGeometry, target: BlockWidths, tokens: int) -> StatsRequest:
+        """The statistics it needs to repair a block of `geometry` cut to `target` from `tokens` tokens."""
         return StatsRequest()
 
     def needs_activations(self, has_table: bool) -> bool:
@@ -161,8 +164,11 @@ class RefitCompensation(Compensator):
     intercept: dict | None = None
     name: str = "refit"
 
-    def stats_request(self, cuts_heads: bool) -> StatsRequest:
-        return StatsRequest(ffn_gram=True, full_attn_gram=cuts_heads)
+    def stats_request(self, geometry: BlockGeometry, target: BlockWidths, tokens: int) -> StatsRequest:
+        # A Gram matrix only where a refit can use it: inputs go, and the tokens can determine the fit.
+        kept_columns = target.num_heads * geometry.head_dim
+        return StatsRequest(ffn_gram=geometry.channels > target.channels > 0 and tokens > target.channels,
+                            full_attn_gram=geometry.num_heads > target.num_heads and tokens > kept_columns)
 
     def needs_activations(self, has_table: bool) -> bool:
         return True
@@ -179,14 +185,14 @@ class RefitCompensation(Compensator):
         ):
             if len(kept) == linear.in_features:
                 continue
-            if key == "o_proj" and stats.attn_gram_block:
-                raise AssertionError("a refit of o_proj needs the full Gram matrix of its input")
             if n <= len(kept):
                 log.warning("layer %s %s: %d calibration tokens cannot determine a refit of %d inputs; kept the "
                             "plain cut (use more calibration tokens: --num-samples × --seq-len)", plan.layer, key, n,
                             len(kept))
                 done[key] = f"plain cut: {n} tokens for {len(kept)} inputs"
                 continue
+            if gram is None or (key == "o_proj" and stats.attn_gram_block):
+                raise AssertionError(f"a refit of {key} needs the full Gram matrix of its input")
             with_intercept = self.intercept is None or self.intercept.get(key, True)
             done[key] = self._refit(adapter, linear, kept, gram / n, mean, ridge, with_intercept, plan.layer, key)
         return done

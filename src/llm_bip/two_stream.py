@@ -57,8 +57,8 @@ class DenseTargetRefit(Compensator):
         self.h_dense: list[torch.Tensor] = []
         self.y_dense: list[torch.Tensor] = []
 
-    def stats_request(self, cuts_heads: bool) -> StatsRequest:
-        return StatsRequest(full_attn_gram=cuts_heads)
+    def stats_request(self, geometry, target, tokens: int) -> StatsRequest:
+        return StatsRequest(full_attn_gram=geometry.num_heads > target.num_heads)
 
     def needs_activations(self, has_table: bool) -> bool:
         return True
