@@ -10,6 +10,7 @@ from pathlib import Path
 from llm_bip.compare.recipes import _OVERRIDES, DEFAULT_METHODS, RECIPES, CompareConfig
 from llm_bip.compare.run import check_runnable, compare
 from llm_bip.config import RATIO_OF
+from llm_bip.devices import DEVICE_CHOICES
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.plan import GQA_MODES
@@ -17,7 +18,7 @@ from llm_bip.plan import GQA_MODES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from llm_bip.data import DEFAULT_CALIBRATION
-    from llm_bip.loading import DEFAULT_MODEL
+    from llm_bip.loading import DEFAULT_MODEL, WEIGHTS_DTYPES
 
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help=f"recipes: {', '.join(RECIPES)}; overrides as name:key=value,key=value "
@@ -27,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio-of", default="non-embedding", choices=RATIO_OF)
     p.add_argument("--gqa-mode", default="kv-groups", choices=GQA_MODES)
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, model directory or .gguf file")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="compute dtype (weights stay float32)")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                   help="compute dtype where the weights are float32 (autocast)")
+    p.add_argument("--weights-dtype", default="auto", choices=list(WEIGHTS_DTYPES),
+                   help="dtype of the weights in memory (default: the checkpoint's; GGUF dequantizes to bfloat16)")
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", default=DEFAULT_CALIBRATION)
     g.add_argument("--num-samples", type=int, default=64)
@@ -71,7 +76,7 @@ def cmd_compare(args) -> None:
     out = check_output_dir(args.output, args.overwrite, (args.model, args.calibration, *args.eval))
     sources = resolve_eval_sources(args.eval)
     progress = not args.quiet
-    lm = api.load(args.model)
+    lm = api.load(args.model, args.weights_dtype, args.device)
     check_runnable(lm, config.recipes(), config, (args.num_samples, args.seq_len))  # before calibration and scoring
     samples, info = api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
     eval_ids = {api.short_name(s): tokenize(lm.tokenizer, load_text(s, split="test")) for s in sources}
