@@ -185,13 +185,13 @@ def test_refit_keeps_the_plain_cut_where_it_does_worse(monkeypatch):
     """The check that keeps a refit only if it lowers the block's output error on the calibration tokens."""
     import llm_bip.compensation as compensation
 
-    real = compensation.solve_refit
+    real = compensation.ridge_solve
 
     def broken(*args, **kwargs):
         weight, bias = real(*args, **kwargs)
         return weight * 50, bias  # a numerically wrecked solution
 
-    monkeypatch.setattr(compensation, "solve_refit", broken)
+    monkeypatch.setattr(compensation, "ridge_solve", broken)
     ids = tiny_samples(n=24, length=16)  # 384 tokens: enough to determine the fit
     lm, plain = tiny_model("qwen2"), tiny_model("qwen2")
     result = api.prune(lm, PruneConfig(ratio=0.2), ids, progress=False)

@@ -6,6 +6,7 @@ disk (streaming). One block's activations are alive at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,8 +66,10 @@ def input_device(model: nn.Module, adapter: FamilyAdapter) -> torch.device:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, layer: int = -1) -> BlockInputs:
-    """Outputs of `block` on every batch: the next block's inputs."""
+def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, layer: int = -1,
+              keep_outputs: bool = True) -> BlockInputs | None:
+    """Outputs of `block` on every batch: the next block's inputs (None if not `keep_outputs`: a pass
+    run only for what its hooks gather)."""
     outputs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
         out = block(hidden, **kwargs)
@@ -76,12 +79,33 @@ def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, 
                 f"block {layer} produced NaN/Inf on the calibration data: load the weights in float32 "
                 "(--weights-dtype float32) or check the checkpoint"
             )
-        outputs.append(out)
+        if keep_outputs:
+            outputs.append(out)
     # Autocast keeps a low-precision copy of every weight it casts until its context exits; dropping
     # them per block holds memory to one block's copies (not the whole model's) and never lets a
     # stale copy outlive a weight that compensation rewrites in place.
     torch.clear_autocast_cache()
-    return BlockInputs(hidden=outputs, kwargs=inputs.kwargs)
+    return BlockInputs(hidden=outputs, kwargs=inputs.kwargs) if keep_outputs else None
+
+
+def full_precision():
+    """Autocast off (on every device type torch autocasts): the compute dtype (bf16 autocast over float32
+    weights) is for forward passes only; statistics, scores and refits would lose precision in it."""
+    return contextlib.ExitStack() if not torch.is_autocast_enabled("cpu") and not _cuda_autocast() else _disabled()
+
+
+def _cuda_autocast() -> bool:
+    return torch.cuda.is_available() and torch.is_autocast_enabled("cuda")
+
+
+@contextlib.contextmanager
+def _disabled():
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
 
 
 def iterate_batches(inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, dict]]:

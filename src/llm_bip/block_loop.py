@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llm_bip.activations import BlockInputs, run_block
+from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.adapters import FamilyAdapter
 from llm_bip.compensation import Compensator
 from llm_bip.plan import BlockPlan, select
@@ -117,11 +117,17 @@ def prune_blocks(
             compensator.start_block(adapter, block, layer, inputs)
             request = (scorer.stats_request() if scorer else StatsRequest()).union(
                 compensator.stats_request(geometry, target, inputs.num_tokens))
-            stats, dense_out = collect_block_stats(block, parts, inputs, request, layer, geometry.group_width)
+            # Sequential calibration passes the pruned block's outputs on, so the dense ones are not kept.
+            stats, dense_out = collect_block_stats(block, parts, inputs, request, layer, geometry.group_width,
+                                                   keep_outputs=not selection.sequential)
         if selection.fixed is not None:
             plan = selection.fixed[layer]
         else:
-            scores = scorer.score_block(parts, stats, geometry) if scorer else selection.table.scores[layer]
+            if scorer is not None:
+                with full_precision():  # scores in float32, even inside the forward passes' bf16 autocast
+                    scores = scorer.score_block(parts, stats, geometry)
+            else:
+                scores = selection.table.scores[layer]
             result.scores.append(scores)
             plan = select(scores.heads, scores.groups, scores.channels, target, selection.gqa_mode, layer)
         result.compensation.append(compensator.compensate(adapter, block, plan, stats, inputs))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llm_bip.activations import BlockInputs
+from llm_bip.activations import BlockInputs, full_precision
 from llm_bip.adapters import FamilyAdapter
 from llm_bip.plan import BlockPlan
 from llm_bip.scoring.base import BlockGeometry
@@ -78,9 +78,10 @@ def add_output_bias(adapter: FamilyAdapter, linear: nn.Linear, delta: torch.Tens
 
 def bias_shift(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """W[:, removed] · mean(x[removed]): the average output that the removed inputs contributed."""
-    removed = torch.ones(weight.shape[1], dtype=torch.bool)
-    removed[keep] = False
-    return weight.float()[:, removed.to(weight.device)] @ mean.float().to(weight.device)[removed.to(weight.device)]
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[keep.to(weight.device)] = False
+    with full_precision():
+        return weight.float()[:, removed] @ mean.float().to(weight.device)[removed]
 
 
 class BiasCompensation(Compensator):
@@ -101,6 +102,29 @@ class BiasCompensation(Compensator):
         return done
 
 
+_CHUNK = 1024  # rows of a Gram matrix handled at a time: bounds the float64 temporaries of a refit
+
+
+def ridge_solve(system: torch.Tensor, rhs: torch.Tensor, intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Solve `system` · X = `rhs` for the symmetric positive definite (ridge-damped) `system` in float64,
+    in place (`system` is overwritten by its Cholesky factor): returns X^T split into weights and intercept."""
+    _, info = torch.linalg.cholesky_ex(system, out=(system, torch.empty((), dtype=torch.int32)))
+    if int(info):
+        raise torch.linalg.LinAlgError("the damped Gram matrix is not positive definite")
+    solution = torch.cholesky_solve(rhs, system).T
+    if intercept:
+        return solution[:, :-1].float(), solution[:, -1].float()
+    return solution.float(), None
+
+
+def _damp(system: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, damping: float) -> None:
+    """Add the ridge D = damping · diag(G) (per input, by its own energy) to the system, and W_prior · D to
+    the right-hand side, in place; the intercept (last row, if any beyond `prior`) is pulled towards 0."""
+    d = damping * torch.diagonal(system).clamp_min(1e-12)
+    system.diagonal().add_(d)
+    rhs[: prior.shape[1]] += prior.T.double() * d[: prior.shape[1], None]
+
+
 def solve_refit(
     cross: torch.Tensor, gram: torch.Tensor, prior: torch.Tensor, mean: torch.Tensor | None,
     target_mean: torch.Tensor | None, damping: float = 0.01,
@@ -112,41 +136,46 @@ def solve_refit(
     original W_S), so nothing moves where the data says nothing. The ridge is scaled per input by its
     own energy (damping · G_ii): massive-activation channels, whose energy is orders of magnitude above
     the rest, neither dominate nor starve the damping of the others. Without `mean` no intercept is fit.
-    Normal equations: W' (G + D) = E[t x^T] + W_prior D, with D = damping · diag(G); solved in float64.
+    Normal equations: (G + D) W'^T = E[x t^T] + D W_prior^T, with D = damping · diag(G); float64.
     """
-    g, c, w0 = gram.double(), cross.double(), prior.double()
-    if mean is not None:
-        dim = g.shape[0]
-        aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64, device=g.device)
-        aug[:dim, :dim] = g
-        aug[:dim, dim] = aug[dim, :dim] = mean.double()
-        aug[dim, dim] = 1.0
-        g = aug
-        c = torch.cat([c, target_mean.double()[:, None]], dim=1)
-        w0 = torch.cat([w0, torch.zeros(w0.shape[0], 1, dtype=torch.float64, device=w0.device)], dim=1)
-    d = damping * torch.diagonal(g).clamp_min(1e-12)
-    solution = torch.linalg.solve(g + torch.diag(d), (c + w0 * d).T).T  # G + D is symmetric
-    if mean is not None:
-        return solution[:, :-1].float(), solution[:, -1].float()
-    return solution.float(), None
+    dim, intercept = gram.shape[0], mean is not None
+    system = torch.empty(dim + intercept, dim + intercept, dtype=torch.float64, device=gram.device)
+    system[:dim, :dim] = gram
+    rhs = torch.empty(dim + intercept, cross.shape[0], dtype=torch.float64, device=gram.device)
+    rhs[:dim] = cross.T
+    if intercept:
+        system[:dim, dim] = system[dim, :dim] = mean
+        system[dim, dim] = 1.0
+        rhs[dim] = target_mean
+    _damp(system, rhs, prior, damping)
+    return ridge_solve(system, rhs, intercept)
 
 
-def output_error(weight: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, new_weight: torch.Tensor,
-                 keep: torch.Tensor, bias_change: torch.Tensor | None) -> float:
-    """E_t ||W x_t - (W'_S x_S,t + Δb)||^2 over the calibration tokens, from their Gram matrix E[x x^T]
-    and mean: the output error of the layer after a cut to S with new kept weights W'_S and bias change Δb.
-    W'_S = W_S, Δb = 0 is the plain cut."""
-    w = weight.double()
-    diff = w.clone()
-    diff[:, keep] -= new_weight.double()
-    dim = gram.shape[0]
-    aug = torch.empty(dim + 1, dim + 1, dtype=torch.float64, device=gram.device)
-    aug[:dim, :dim] = gram.double()
-    aug[:dim, dim] = aug[dim, :dim] = mean.double()
-    aug[dim, dim] = 1.0
-    shift = -bias_change.double() if bias_change is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    m = torch.cat([diff, shift[:, None]], dim=1)
-    return float(torch.einsum("oi,ij,oj->", m, aug, m).clamp_min(0))
+def output_errors(weight: torch.Tensor, gram_sum: torch.Tensor, tokens: int, mean: torch.Tensor,
+                  keep: torch.Tensor, new_weight: torch.Tensor, bias_change: torch.Tensor | None) -> tuple[float, float]:
+    """E_t ||W x_t - (W'_S x_S,t + Δb)||^2 over the calibration tokens for the plain cut (W'_S = W_S,
+    Δb = 0) and for the refit, from the tokens' Gram matrix (a sum over `tokens`) and mean, a chunk of
+    its rows at a time: E ||M x + c||^2 = tr(M G M^T) / n + 2 c·(M mean) + ||c||^2."""
+    refit = weight.detach().to(torch.float64)
+    device = refit.device
+    removed = torch.ones(refit.shape[1], dtype=torch.bool, device=device)
+    removed[keep.to(device)] = False
+    plain = refit[:, removed]  # the plain cut's M is W on the removed inputs, zero elsewhere
+    refit[:, keep.to(device)] -= new_weight.to(device, torch.float64)  # the refit's M: W - W' (W' zero on removed)
+    quadratic_plain = quadratic_refit = 0.0
+    for start in range(0, refit.shape[1], _CHUNK):
+        rows = gram_sum[start : start + _CHUNK].to(device, torch.float64)  # [chunk, in]
+        chunk_removed = removed[start : start + _CHUNK]
+        quadratic_refit += float((refit[:, start : start + _CHUNK] * (refit @ rows.T)).sum())
+        if chunk_removed.any():
+            first = int(removed[:start].sum())  # where this chunk's removed inputs start among plain's columns
+            block = plain[:, first : first + int(chunk_removed.sum())]
+            quadratic_plain += float((block * (plain @ rows[chunk_removed][:, removed].T)).sum())
+    c = -bias_change.to(device, torch.float64) if bias_change is not None else torch.zeros(refit.shape[0], dtype=torch.float64, device=device)
+    mu = mean.to(device, torch.float64)
+    plain_error = quadratic_plain / tokens
+    refit_error = quadratic_refit / tokens + 2 * float(c @ (refit @ mu)) + float(c @ c)
+    return max(plain_error, 0.0), max(refit_error, 0.0)
 
 
 @dataclass
@@ -194,24 +223,44 @@ class RefitCompensation(Compensator):
             if gram is None or (key == "o_proj" and stats.attn_gram_block):
                 raise AssertionError(f"a refit of {key} needs the full Gram matrix of its input")
             with_intercept = self.intercept is None or self.intercept.get(key, True)
-            done[key] = self._refit(adapter, linear, kept, gram / n, mean, ridge, with_intercept, plan.layer, key)
+            done[key] = self._refit(adapter, linear, kept, gram, n, mean, ridge, with_intercept, plan.layer, key)
         return done
 
-    def _refit(self, adapter, linear, kept, gram, mean, ridge, with_intercept, layer, key) -> str:
-        w = linear.weight.detach().float()
-        g = gram.to(w.device)
-        mu = mean.to(w.device)
-        cross = w.double() @ g.double()[:, kept]
-        target_mean = w.double() @ mu.double() if with_intercept else None
-        new, bias = solve_refit(cross, g[kept][:, kept], w[:, kept], mu[kept] if with_intercept else None,
-                                target_mean, ridge)
-        plain = output_error(w, g, mu, w[:, kept], kept, None)
-        refit = output_error(w, g, mu, new, kept, bias)
-        if not refit < plain or not torch.isfinite(new).all():
+    def _refit(self, adapter, linear, kept, gram_sum, tokens, mean, ridge, with_intercept, layer, key) -> str:
+        """Refit `linear`'s kept columns towards its own output W x, with float64 temporaries bounded by
+        a chunk of the Gram matrix's rows (plus the solve's own system and right-hand side)."""
+        w = linear.weight.detach()
+        device = w.device
+        kept = kept.to(device)
+        dim, out = len(kept), w.shape[0]
+        system = torch.empty(dim + with_intercept, dim + with_intercept, dtype=torch.float64, device=device)
+        rhs = torch.zeros(dim + with_intercept, out, dtype=torch.float64, device=device)
+        for start in range(0, gram_sum.shape[0], _CHUNK):
+            rows = gram_sum[start : start + _CHUNK].to(device, torch.float64) / tokens  # E[x_chunk x^T]
+            rhs[:dim] += rows[:, kept].T @ w[:, start : start + _CHUNK].T.double()  # E[x_S t^T], t = W x
+        for start in range(0, dim, _CHUNK):
+            rows = gram_sum[kept[start : start + _CHUNK]].to(device, torch.float64)
+            system[start : start + len(rows), :dim] = rows[:, kept] / tokens
+        mu = mean.to(device, torch.float64)
+        if with_intercept:
+            system[:dim, dim] = system[dim, :dim] = mu[kept]
+            system[dim, dim] = 1.0
+            rhs[dim] = w.double() @ mu
+        _damp(system, rhs, w[:, kept], ridge)
+        try:
+            new, bias = ridge_solve(system, rhs, with_intercept)
+        except torch.linalg.LinAlgError:
+            new = None
+        del system, rhs
+        if new is None or not torch.isfinite(new).all():
+            log.warning("layer %s %s: the refit's system could not be solved; kept the plain cut", layer, key)
+            return "plain cut: refit not solvable"
+        plain, refit = output_errors(w, gram_sum, tokens, mean, kept, new, bias)
+        if not refit < plain:
             log.warning("layer %s %s: the refit's calibration error (%.4g) is not below the plain cut's (%.4g); kept "
                         "the plain cut", layer, key, refit, plain)
             return f"plain cut: refit error {refit:.4g} >= {plain:.4g}"
-        full = linear.weight.detach().clone()
+        full = w.clone()
         full[:, kept] = new.to(full.dtype)
         linear.weight.copy_(full)
         if bias is not None:

@@ -49,9 +49,12 @@ class LoadedModel:
     streamed: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    weights_dtype: torch.dtype | None = None
+
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The weights' dtype (a streamed model's, whose weights are mostly on disk, is recorded at load)."""
+        return self.weights_dtype if self.streamed else next(self.model.parameters()).dtype
 
 
 def default_model_gguf() -> Path:
@@ -213,7 +216,7 @@ def load_model(source: str | os.PathLike | None = None, weights_dtype: str | tor
     log.info("loaded %s (%s, %.1fM parameters, %s on %s%s)", source or DEFAULT_MODEL, config.model_type, size / 1e6,
              str(dtype).removeprefix("torch."), device, ", streamed block by block" if streaming else "")
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=str(source or DEFAULT_MODEL),
-                       checkpoint=checkpoint, streamed=streaming, device=device)
+                       checkpoint=checkpoint, streamed=streaming, device=device, weights_dtype=dtype)
 
 
 def _too_big(config, dtype: torch.dtype, device: torch.device) -> bool:

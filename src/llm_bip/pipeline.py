@@ -105,7 +105,13 @@ def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, sel
                                   "streaming cannot hold: use llm-bip, flap, wanda-sp, magnitude or random")
             selection.scorer.prepare(loaded, samples, batch_size)  # e.g. Taylor's gradient pass
         with out_of_memory_is_an_error(loaded.device, "catching the calibration activations"):
+            if loaded.streamed:
+                from llm_bip.streaming import input_side
+
+                input_side(loaded, present=True)
             inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size)
+        if loaded.streamed:
+            input_side(loaded, present=False)
     start, result = 0, None
     if resume is not None:
         start, result = resume.start, resume.result

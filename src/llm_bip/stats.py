@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llm_bip.activations import BlockInputs, run_block
+from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.adapters import BlockParts
 
 
@@ -78,9 +78,10 @@ def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_block_stats(
     block: nn.Module, parts: BlockParts, inputs: BlockInputs, request: StatsRequest, layer: int = -1,
-    group_width: int = 0,
-) -> tuple[BlockStats, BlockInputs]:
-    """One forward pass of `block` over the calibration inputs; returns its statistics and outputs.
+    group_width: int = 0, keep_outputs: bool = True,
+) -> tuple[BlockStats, BlockInputs | None]:
+    """One forward pass of `block` over the calibration inputs; returns its statistics and (unless
+    `keep_outputs` is off, when the caller will not use them) its outputs.
     With `group_width` (head_dim x heads per KV group) and no request for the full attention Gram,
     only its diagonal blocks of that width are computed (the rest stays zero)."""
     stats = BlockStats()
@@ -92,11 +93,21 @@ def collect_block_stats(
     if request.residual_sample:
         per_batch_sample = max(1, request.residual_sample // max(1, len(inputs.hidden)))
 
+    def float32(hook):
+        """Statistics in float32 even inside the forward pass's bf16 autocast (which would otherwise run
+        the Gram products in bf16)."""
+        def wrapped(*args):
+            with full_precision():
+                return hook(*args)
+
+        return wrapped
+
+    @float32
     def on_o_proj(_m, args):
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         stats.tokens += x.shape[0]
         stats.attn_sum = _add(stats.attn_sum, x.sum(0))
-        stats.attn_gram = _add(stats.attn_gram, _gram(x, block_width))
+        stats.attn_gram = _accumulate_gram(stats.attn_gram, x, block_width)
         if per_batch_sample:
             idx = torch.randperm(x.shape[0], generator=generator)[:per_batch_sample]
             pending["idx"] = idx
@@ -107,12 +118,13 @@ def collect_block_stats(
             h = args[0].reshape(-1, args[0].shape[-1]).float()
             stats.residual_sample = _cat(stats.residual_sample, h[pending["idx"]])
 
+    @float32
     def on_down_proj(_m, args):
         a = args[0].reshape(-1, args[0].shape[-1]).float()
         stats.ffn_sum = _add(stats.ffn_sum, a.sum(0))
         stats.ffn_sq = _add(stats.ffn_sq, (a * a).sum(0))
         if request.ffn_gram:
-            stats.ffn_gram = _add(stats.ffn_gram, a.T @ a)
+            stats.ffn_gram = _accumulate_gram(stats.ffn_gram, a, 0)
 
     def on_block_out(_m, _args, out):
         y = (out[0] if isinstance(out, tuple) else out).float()
@@ -125,11 +137,20 @@ def collect_block_stats(
         block.register_forward_hook(on_block_out),
     ]
     try:
-        outputs = run_block(block, inputs, layer=layer)
+        outputs = run_block(block, inputs, layer=layer, keep_outputs=keep_outputs)
     finally:
         for h in handles:
             h.remove()
     return stats, outputs
+
+
+def _accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, block_width: int) -> torch.Tensor:
+    """total + x^T x, in place (a Gram matrix can be the largest tensor of a block's pass)."""
+    if total is None:
+        return _gram(x, block_width)
+    if not block_width or block_width == x.shape[1]:
+        return total.addmm_(x.T, x)
+    return total.add_(_gram(x, block_width))
 
 
 def _gram(x: torch.Tensor, block_width: int) -> torch.Tensor:

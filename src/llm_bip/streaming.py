@@ -37,7 +37,7 @@ class StreamedBlocks:
 
     def __init__(self, loaded: LoadedModel, writer: ShardWriter | None = None) -> None:
         self.loaded, self.writer = loaded, writer
-        self.dtype = next(p for p in loaded.model.parameters() if p.device.type != "meta").dtype
+        self.dtype = loaded.dtype
 
     def load(self, layer: int) -> nn.Module:
         adapter, checkpoint = self.loaded.adapter, self.loaded.checkpoint
@@ -65,6 +65,20 @@ class StreamedBlocks:
             self.writer.write(block_shard(layer), {prefix + k: v for k, v in block.state_dict().items()})
         block.to("meta")  # frees its memory; shapes stay (parameter counts still add up)
         release_freed_memory(self.loaded.device)
+
+
+def input_side(loaded: LoadedModel, present: bool) -> None:
+    """Read the input embedding back in (`present`), or free it once block 0's inputs are caught: a
+    large vocabulary's embedding is among the biggest tensors a streamed run would otherwise hold."""
+    embedding = loaded.model.get_input_embeddings()
+    if present and embedding.weight.device.type == "meta":
+        names = [n for n in input_side_names(loaded.model, loaded.adapter) if n in loaded.checkpoint.names()]
+        materialize(loaded.model, loaded.checkpoint, names, StreamedBlocks(loaded).dtype, loaded.device)
+        loaded.model.tie_weights()
+    elif not present:
+        embedding.to("meta")  # a new (meta) parameter: tie a tied head to it again, so the old one is freed
+        loaded.model.tie_weights()
+        release_freed_memory(loaded.device)
 
 
 def block_shard(layer: int) -> int:
@@ -126,6 +140,7 @@ def streamed_perplexity(loaded: LoadedModel, ids: torch.Tensor, source: str, seq
     start = time.perf_counter()
     model, adapter = loaded.model, loaded.adapter
     data = ids[: windows * seq_len].view(windows, seq_len)
+    input_side(loaded, present=True)
     inputs = capture_block_inputs(model, adapter, data, batch_size)
     blocks = StreamedBlocks(loaded)
     for layer in tqdm(range(adapter.num_blocks), desc=f"perplexity {source}@{seq_len} (streamed)",

@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from llm_bip.activations import BlockInputs, run_block
+from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.compensation import Compensator, add_output_bias, solve_refit
 from llm_bip.stats import StatsRequest
 from llm_bip.surgery import head_columns
@@ -39,7 +39,8 @@ class _PerBatch:
         self.index = 0
 
         def hook(_m, args):
-            fn(self.index, args[0])
+            with full_precision():  # accumulations in float32 inside the pass's bf16 autocast
+                fn(self.index, args[0])
             self.index += 1
 
         self.handle = module.register_forward_pre_hook(hook)
@@ -94,7 +95,7 @@ class DenseTargetRefit(Compensator):
 
                 hook = _PerBatch(parts.o_proj, on_o)
                 try:
-                    run_block(block, inputs, layer=plan.layer)
+                    run_block(block, inputs, layer=plan.layer, keep_outputs=False)
                 finally:
                     hook.close()
                 weight, bias = solve_refit(cross / n, stats.attn_gram[cols][:, cols] / n,
@@ -130,7 +131,7 @@ class DenseTargetRefit(Compensator):
 
             hooks = [_PerBatch(parts.post_attention_norm, on_norm), _PerBatch(parts.down_proj, on_down)]
             try:
-                run_block(block, inputs, layer=plan.layer)
+                run_block(block, inputs, layer=plan.layer, keep_outputs=False)
             finally:
                 for hook in hooks:
                     hook.close()
