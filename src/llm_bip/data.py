@@ -191,7 +191,43 @@ def calibration_samples(
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+_CHUNK_CHARS = 200_000  # a fast tokenizer's working memory grows to ~140 bytes per character of its input
+_WINDOW = 256  # characters either side of a cut that must tokenize the same split or whole
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, chunk_chars: int = _CHUNK_CHARS) -> torch.Tensor:
+    """The token ids of `text`, exactly as one call of the tokenizer gives them, but tokenized in pieces
+    of about `chunk_chars` characters so that its working memory stays small (a whole 3 MB text took
+    390 MB). A piece ends at a line break where the text around it tokenizes the same split or whole;
+    tokenizers work locally (a regex split into words, then merges inside each), so the ids are the
+    same. If no such cut is found, the text is tokenized in one call."""
     if not text.strip():
         raise LlmBipError("the text is empty: give a file with some text in it")
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    ids: list[int] = []
+    start = 0
+    while len(text) - start > 1.5 * chunk_chars:
+        cut = _safe_cut(encode, text, start + chunk_chars)
+        if cut is None:
+            log.debug("no safe place to cut the text into pieces: tokenizing it whole")
+            return torch.tensor(encode(text), dtype=torch.long)
+        ids += encode(text[start:cut])
+        start = cut
+    ids += encode(text[start:])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _safe_cut(encode, text: str, target: int, tries: int = 50) -> int | None:
+    position = target
+    for _ in range(tries):
+        position = text.find("\n", position)
+        if position < 0:
+            return None
+        left, right = text[max(0, position - _WINDOW) : position], text[position : position + _WINDOW]
+        if encode(left + right) == encode(left) + encode(right):
+            return position
+        position += 1
+    return None
