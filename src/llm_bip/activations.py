@@ -72,7 +72,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, 
     run only for what its hooks gather)."""
     outputs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-        out = block(hidden, **kwargs)
+        out = block(hidden, **kwargs)  # a block spread to another device by accelerate moves its inputs itself
         out = out[0] if isinstance(out, tuple) else out
         if check_finite and not torch.isfinite(out).all():
             raise LlmBipError(

@@ -183,6 +183,7 @@ def load_model(source: str | os.PathLike | None = None, weights_dtype: str | tor
                device: str | torch.device = "cpu", streaming: bool | str = False) -> LoadedModel:
     """Load `source`: the default model, a .gguf file, a local model directory, or a Hugging Face hub id.
     `streaming`: True, False, or "auto" (stream when the weights would take over half the free memory)."""
+    spread = str(device).strip().lower() == "auto" and torch.cuda.device_count() > 1 and not streaming
     device = resolve_device(device)
     files = locate(source)
     config = read_config(files)
@@ -205,11 +206,12 @@ def load_model(source: str | os.PathLike | None = None, weights_dtype: str | tor
                     dtype, device)
         model.tie_weights()
     elif files.gguf is not None:
-        model = _load_gguf(config, checkpoint, dtype, files)
+        model = _load_gguf(config, checkpoint, dtype, files).to(device)
+    elif spread:
+        # accelerate places the blocks over every GPU (then CPU memory); each block runs where it sits.
+        model = _load_pretrained(files, dtype, device_map="auto")
     else:
-        model = _load_pretrained(files, dtype)
-    if not streaming:
-        model = model.to(device)
+        model = _load_pretrained(files, dtype).to(device)
     model.eval()
     model.config.use_cache = False
     size = sum(p.numel() for p in model.parameters())
@@ -267,9 +269,9 @@ def _weights_dtype(requested, checkpoint: Checkpoint | None, files: ModelFiles, 
     return stored if isinstance(stored, torch.dtype) else WEIGHTS_DTYPES.get(str(stored), None) or torch.float32
 
 
-def _load_pretrained(files: ModelFiles, dtype: torch.dtype) -> nn.Module:
+def _load_pretrained(files: ModelFiles, dtype: torch.dtype, device_map: str | None = None) -> nn.Module:
     try:
-        return AutoModelForCausalLM.from_pretrained(str(files.directory), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(str(files.directory), dtype=dtype, device_map=device_map)
     except Exception as exc:  # noqa: BLE001  (safetensors, torch and OS errors all mean "bad checkpoint")
         raise LlmBipError(
             f"cannot load the weights of {files.where} ({type(exc).__name__}: {_first_line(exc)}): "
