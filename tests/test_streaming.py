@@ -246,3 +246,20 @@ def test_tokenizing_in_pieces_gives_the_ids_of_one_call(tokenizer, wikitext_test
     text = load_text(str(wikitext_test))[:400_000]
     whole = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     assert torch.equal(tokenize(tokenizer, text, chunk_chars=20_000), whole)
+
+
+def test_activations_that_do_not_fit_live_on_disk(tokenizer, tmp_path, monkeypatch, caplog):
+    """With (pretended) little free memory the calibration activations go to memory-mapped files
+    (unlinked at once, so none is left) and the pruned model is the same."""
+    import logging
+
+    source = write_model(tmp_path / "dense", TINY_CONFIGS["llama"](), tokenizer)
+    _, plain = api.prune_to_disk(api.load(source, streaming=True), PruneConfig(), SAMPLES, tmp_path / "plain",
+                                 progress=False)
+    monkeypatch.setattr("llm_bip.pipeline.free_memory_bytes", lambda _device: 1000)
+    with caplog.at_level(logging.INFO, logger="llm_bip.pipeline"):
+        _, spilled = api.prune_to_disk(api.load(source, streaming=True), PruneConfig(), SAMPLES, tmp_path / "spilled",
+                                       progress=False)
+    assert "keeping them in files" in caplog.text
+    assert_same_outputs(plain, spilled)
+    assert not list(spilled.glob(".llm-bip-activations-*"))

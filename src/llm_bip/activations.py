@@ -7,8 +7,10 @@ disk (streaming). One block's activations are alive at a time.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,13 +23,34 @@ class _StopForward(Exception):
     pass
 
 
+class DiskSpill:
+    """Keeps activations in memory-mapped files instead of anonymous memory, for calibration sets whose
+    activations do not fit: the kernel writes the pages out and evicts them as memory is needed. Each
+    file is unlinked as soon as it is mapped, so nothing is left on disk, even after a kill."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cpu":
+            return tensor  # activations on an accelerator stay there
+        path = self.directory / f".llm-bip-activations-{uuid.uuid4().hex}"
+        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+        path.unlink()
+        mapped.copy_(tensor)
+        return mapped
+
+
 @dataclass
 class BlockInputs:
     """Calibration activations entering one block, one tensor per batch, plus the keyword arguments
-    (rotary embeddings, mask) that the model passes to every block."""
+    (rotary embeddings, mask) that the model passes to every block. With `spill`, every block's outputs
+    go to disk-backed memory too."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    spill: DiskSpill | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -36,14 +59,15 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: FamilyAdapter, samples: torch.Tensor, batch_size: int
+    model: nn.Module, adapter: FamilyAdapter, samples: torch.Tensor, batch_size: int, spill: DiskSpill | None = None,
 ) -> BlockInputs:
     """Run the model's embedding stage on each batch and keep what block 0 receives."""
     first_block = adapter.blocks(model)[0]
     hidden, kwargs_list = [], []
 
     def grab(_module, args, kwargs):
-        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        caught = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(spill.keep(caught) if spill else caught)
         kwargs_list.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
         raise _StopForward
 
@@ -57,7 +81,7 @@ def capture_block_inputs(
                 pass
     finally:
         handle.remove()
-    return BlockInputs(hidden=hidden, kwargs=kwargs_list)
+    return BlockInputs(hidden=hidden, kwargs=kwargs_list, spill=spill)
 
 
 def input_device(model: nn.Module, adapter: FamilyAdapter) -> torch.device:
@@ -80,12 +104,12 @@ def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, 
                 "(--weights-dtype float32) or check the checkpoint"
             )
         if keep_outputs:
-            outputs.append(out)
+            outputs.append(inputs.spill.keep(out) if inputs.spill else out)
     # Autocast keeps a low-precision copy of every weight it casts until its context exits; dropping
     # them per block holds memory to one block's copies (not the whole model's) and never lets a
     # stale copy outlive a weight that compensation rewrites in place.
     torch.clear_autocast_cache()
-    return BlockInputs(hidden=outputs, kwargs=inputs.kwargs) if keep_outputs else None
+    return BlockInputs(hidden=outputs, kwargs=inputs.kwargs, spill=inputs.spill) if keep_outputs else None
 
 
 def full_precision():

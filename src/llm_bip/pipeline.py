@@ -9,17 +9,19 @@ selects, compensates and cuts each block in turn.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from llm_bip.activations import BlockInputs, capture_block_inputs
+from llm_bip.activations import BlockInputs, DiskSpill, capture_block_inputs
 from llm_bip.allocation import allocate
 from llm_bip.block_loop import BlockSource, Checkpoint, InMemoryBlocks, LoopResult, Selection, prune_blocks
 from llm_bip.compensation import Compensator
 from llm_bip.config import PruneConfig
-from llm_bip.devices import out_of_memory_is_an_error
+from llm_bip.devices import free_memory_bytes, out_of_memory_is_an_error
 from llm_bip.errors import LlmBipError
 from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel
@@ -90,9 +92,24 @@ def blocks_of(loaded: LoadedModel) -> BlockSource:
     return InMemoryBlocks(loaded.model, loaded.adapter)
 
 
+def activation_spill(loaded: LoadedModel, samples: torch.Tensor, directory: Path | None) -> DiskSpill | None:
+    """Disk-backed activations when the calibration activations (in and out of a block) would take
+    over a quarter of the free memory."""
+    itemsize = torch.finfo(loaded.dtype).bits // 8
+    need = 2 * samples.numel() * loaded.model.config.hidden_size * itemsize
+    free = free_memory_bytes(torch.device("cpu"))
+    if loaded.device.type != "cpu" or free is None or need <= free / 4:
+        return None
+    directory = directory or Path(tempfile.gettempdir())
+    log.info("the calibration activations take %.1f GiB of %.1f GiB free: keeping them in files under %s",
+             need / 2**30, free / 2**30, directory)
+    return DiskSpill(directory)
+
+
 def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, selection: Selection,
          compensator: Compensator, source: BlockSource | None = None, progress: bool = True,
-         checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> LoopResult:
+         checkpoint: Checkpoint | None = None, resume: Resume | None = None,
+         spill_dir: Path | None = None) -> LoopResult:
     """Run the one block loop over `loaded`, with calibration activations if anything needs them."""
     needs_activations = selection.scores_in_loop() or compensator.needs_activations(selection.table is not None)
     inputs = None
@@ -109,14 +126,16 @@ def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, sel
                 from llm_bip.streaming import input_side
 
                 input_side(loaded, present=True)
-            inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size)
+            inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size,
+                                          activation_spill(loaded, samples, spill_dir))
         if loaded.streamed:
             input_side(loaded, present=False)
     start, result = 0, None
     if resume is not None:
         start, result = resume.start, resume.result
         if inputs is not None:
-            inputs = BlockInputs([h.to(loaded.device) for h in resume.hidden], inputs.kwargs)
+            keep = inputs.spill.keep if inputs.spill else (lambda t: t)
+            inputs = BlockInputs([keep(h.to(loaded.device)) for h in resume.hidden], inputs.kwargs, inputs.spill)
     with out_of_memory_is_an_error(loaded.device, "pruning"):
         return prune_blocks(source or blocks_of(loaded), loaded.adapter, inputs, selection, compensator, start,
                             result, checkpoint, progress)
@@ -184,7 +203,7 @@ def prune(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int = 8,
     calibration: dict | None = None, scores: ScoreTable | None = None, progress: bool = True,
     fixed_plan: PruningPlan | None = None, source: BlockSource | None = None, checkpoint: Checkpoint | None = None,
-    resume: Resume | None = None,
+    resume: Resume | None = None, spill_dir: Path | None = None,
 ) -> PruneResult:
     """Score (unless `scores` are given), allocate, select, compensate and cut `loaded.model` in place.
 
@@ -227,7 +246,7 @@ def prune(
     start = time.perf_counter()
     if resume is not None:
         compensator.load_state(resume.compensator_state)
-    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint, resume)
+    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint, resume, spill_dir)
     timings["prune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
     blocks: list[BlockPlan] = result.plans

@@ -100,7 +100,7 @@ def prune_streamed(
     finished_before = list(state.result.plans) if state is not None else []
     try:
         result = prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan,
-                       source=blocks, checkpoint=partial, resume=state)
+                       source=blocks, checkpoint=partial, resume=state, spill_dir=partial.directory)
     except KeyboardInterrupt:
         raise LlmBipError(f"interrupted: the blocks done so far are kept in {partial.directory}; rerun with --resume "
                           "to continue") from None

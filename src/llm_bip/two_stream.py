@@ -65,7 +65,7 @@ class DenseTargetRefit(Compensator):
         return True
 
     def start_block(self, adapter, block, layer, inputs) -> None:
-        dense = BlockInputs(self.dense if self.dense is not None else inputs.hidden, inputs.kwargs)
+        dense = BlockInputs(self.dense if self.dense is not None else inputs.hidden, inputs.kwargs, inputs.spill)
         h: list[torch.Tensor] = []
         capture = _PerBatch(adapter.parts(block).post_attention_norm, lambda _i, x: h.append(x))
         try:
