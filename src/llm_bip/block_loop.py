@@ -130,6 +130,7 @@ def prune_blocks(
                 scores = selection.table.scores[layer]
             result.scores.append(scores)
             plan = select(scores.heads, scores.groups, scores.channels, target, selection.gqa_mode, layer)
+            plan = compensator.select(adapter, block, stats, plan, selection.gqa_mode)
         result.compensation.append(compensator.compensate(adapter, block, plan, stats, inputs))
         if plan.widths != geometry.widths:
             cut_block(adapter, block, plan)

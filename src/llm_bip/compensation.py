@@ -47,6 +47,11 @@ class Compensator:
         """Whether it needs a forward pass (a saved score table keeps the activation means)."""
         return False
 
+    def select(self, adapter: FamilyAdapter, block: nn.Module, stats: BlockStats, plan: BlockPlan, gqa_mode: str) -> BlockPlan:
+        """The structures to keep, given the scores' choice `plan` at the target widths: a compensator
+        whose repair can rebuild some structures better than others may choose differently."""
+        return plan
+
     def start_block(self, adapter: FamilyAdapter, block: nn.Module, layer: int, inputs: BlockInputs) -> None:
         """Called with the uncut block before its statistics are gathered."""
 
@@ -191,7 +196,11 @@ class RefitCompensation(Compensator):
     attn_damping: float = 1.0
     damping: float = 0.01
     intercept: dict | None = None
+    refit_aware: bool = False  # choose what goes by its cost after the refit (scoring/obs.py), not before
     name: str = "refit"
+
+    def __post_init__(self) -> None:
+        self._solved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def stats_request(self, geometry: BlockGeometry, target: BlockWidths, tokens: int) -> StatsRequest:
         # A Gram matrix only where a refit can use it: inputs go, and the tokens can determine the fit.
@@ -201,6 +210,36 @@ class RefitCompensation(Compensator):
 
     def needs_activations(self, has_table: bool) -> bool:
         return True
+
+    def _intercept(self, key: str) -> bool:
+        return self.intercept is None or self.intercept.get(key, True)
+
+    @torch.no_grad()
+    def select(self, adapter, block, stats, plan, gqa_mode) -> BlockPlan:
+        """With `refit_aware`: channels (and whole KV groups) removed by their block-output cost after the
+        refit of the rest, greedily (optimal brain surgeon); the refit's weights come with the choice."""
+        self._solved = {}
+        if not self.refit_aware:
+            return plan
+        from llm_bip.scoring.obs import obs_remove
+
+        parts, widths, n = adapter.parts(block), adapter.widths(block), stats.tokens
+        keep_channels, keep_heads, keep_kv = plan.keep_channels, plan.keep_heads, plan.keep_kv_heads
+        removed = widths.channels - len(plan.keep_channels)
+        if removed and n > len(plan.keep_channels) and stats.ffn_gram is not None:
+            mean = stats.ffn_mean if self._intercept("down_proj") else None
+            keep_channels, _costs, w, b = obs_remove(parts.down_proj.weight, stats.ffn_gram, n, mean, 1, removed, self.damping)
+            self._solved["down_proj"] = (torch.tensor(keep_channels), w, b)
+        groups_removed = widths.num_kv_heads - len(plan.keep_kv_heads)
+        group_width = widths.group_size * adapter.head_dim
+        if (groups_removed and gqa_mode == "kv-groups" and stats.attn_gram is not None and not stats.attn_gram_block
+                and n > len(plan.keep_heads) * adapter.head_dim):
+            mean = stats.attn_mean if self._intercept("o_proj") else None
+            keep_kv, _costs, w, b = obs_remove(parts.o_proj.weight, stats.attn_gram, n, mean, group_width, groups_removed,
+                                               self.attn_damping)
+            keep_heads = [g * widths.group_size + i for g in keep_kv for i in range(widths.group_size)]
+            self._solved["o_proj"] = (head_columns(keep_heads, adapter.head_dim), w, b)
+        return BlockPlan(plan.layer, keep_heads, keep_kv, keep_channels)
 
     @torch.no_grad()
     def compensate(self, adapter, block, plan, stats, inputs) -> dict:
@@ -222,8 +261,13 @@ class RefitCompensation(Compensator):
                 continue
             if gram is None or (key == "o_proj" and stats.attn_gram_block):
                 raise AssertionError(f"a refit of {key} needs the full Gram matrix of its input")
-            with_intercept = self.intercept is None or self.intercept.get(key, True)
-            done[key] = self._refit(adapter, linear, kept, gram, n, mean, ridge, with_intercept, plan.layer, key)
+            with_intercept = self._intercept(key)
+            if key in self._solved and torch.equal(self._solved[key][0], kept.cpu()):
+                _, new, bias = self._solved[key]  # the refit-aware selection solved it on the way
+                done[key] = self._apply(adapter, linear, kept, new, bias, gram, n, mean, plan.layer, key, with_intercept)
+            else:
+                done[key] = self._refit(adapter, linear, kept, gram, n, mean, ridge, with_intercept, plan.layer, key)
+        self._solved = {}
         return done
 
     def _refit(self, adapter, linear, kept, gram_sum, tokens, mean, ridge, with_intercept, layer, key) -> str:
@@ -252,9 +296,19 @@ class RefitCompensation(Compensator):
         except torch.linalg.LinAlgError:
             new = None
         del system, rhs
-        if new is None or not torch.isfinite(new).all():
+        if new is None:
             log.warning("layer %s %s: the refit's system could not be solved; kept the plain cut", layer, key)
             return "plain cut: refit not solvable"
+        return self._apply(adapter, linear, kept, new, bias, gram_sum, tokens, mean, layer, key, with_intercept)
+
+    def _apply(self, adapter, linear, kept, new, bias, gram_sum, tokens, mean, layer, key, with_intercept) -> str:
+        """Write the refit into the kept columns (and the bias), unless it does worse than the plain cut on
+        the calibration tokens (or is not finite)."""
+        w = linear.weight.detach()
+        kept = kept.to(w.device)
+        if not torch.isfinite(new).all() or (bias is not None and not torch.isfinite(bias).all()):
+            log.warning("layer %s %s: the refit is not finite; kept the plain cut", layer, key)
+            return "plain cut: refit not finite"
         plain, refit = output_errors(w, gram_sum, tokens, mean, kept, new, bias)
         if not refit < plain:
             log.warning("layer %s %s: the refit's calibration error (%.4g) is not below the plain cut's (%.4g); kept "

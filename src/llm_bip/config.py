@@ -17,6 +17,7 @@ from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS, Scorer, make_scorer
 CALIBRATION_MODES = ("parallel", "sequential")
 RATIO_OF = ("non-embedding", "total")
 REFIT_TARGETS = ("layer", "dense")
+SELECTIONS = ("scores", "refit-aware")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class PruneConfig:
     refit_damping: float = 0.01  # down_proj's ridge, relative to each input's energy
     attn_refit_damping: float = 1.0  # o_proj's ridge: its LS fit overfits the calibration text at 0.01
     refit_target: str = "layer"  # sequential refit towards the block's own output, or the dense model's
+    # "scores": keep the highest-scoring structures, then refit; "refit-aware": remove the structures
+    # whose block-output change after the refit of the rest is smallest (optimal brain surgeon).
+    selection: str = "scores"
     seed: int = 0
 
     def validate(self) -> PruneConfig:
@@ -52,7 +56,7 @@ class PruneConfig:
             (self.ratio_of, RATIO_OF, "ratio-of"), (self.allocation, ALLOCATIONS, "allocation"),
             (self.gqa_mode, GQA_MODES, "gqa-mode"), (self.calibration_mode, CALIBRATION_MODES, "calibration mode"),
             (self.compensation, COMPENSATIONS, "compensation"), (self.refit_target, REFIT_TARGETS, "refit target"),
-            (self.lipschitz, LIPSCHITZ_VARIANTS, "lipschitz"),
+            (self.lipschitz, LIPSCHITZ_VARIANTS, "lipschitz"), (self.selection, SELECTIONS, "selection"),
         ):
             if value not in allowed:
                 raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
@@ -62,6 +66,9 @@ class PruneConfig:
             raise LlmBipError("head-ratio must be in [0, 1) (or 'same')")
         if self.prunable_layers is not None and (not self.prunable_layers or min(self.prunable_layers) < 0):
             raise LlmBipError(f"layers {list(self.prunable_layers)}: give block indices from 0, e.g. 4-28")
+        if self.selection == "refit-aware" and (self.compensation != "refit" or self.refit_target != "layer"):
+            raise LlmBipError("selection refit-aware chooses by the cost after the refit: it needs --compensation refit "
+                              "(with --refit-target layer)")
         if self.refit_target == "dense" and (self.compensation != "refit" or self.calibration_mode != "sequential"):
             raise LlmBipError("refit-target dense needs --compensation refit and --calibration-mode sequential")
         if self.method.startswith("taylor") and self.calibration_mode == "sequential":
@@ -97,7 +104,8 @@ class PruneConfig:
                 from llm_bip.two_stream import DenseTargetRefit
 
                 return DenseTargetRefit(self.attn_refit_damping, self.refit_damping)
-            return RefitCompensation(self.attn_refit_damping, self.refit_damping)
+            return RefitCompensation(self.attn_refit_damping, self.refit_damping,
+                                     refit_aware=self.selection == "refit-aware")
         return Compensator()
 
     @property

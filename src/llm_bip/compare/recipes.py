@@ -72,7 +72,8 @@ DEFAULT_METHODS = ("llm-bip", "flap", "wanda-sp", "taylor", "magnitude", "random
 # Overrides a method spec may carry, and how to read their values.
 _OVERRIDES = {
     "allocation": str, "compensation": str, "calibration-mode": str, "lipschitz": str, "gqa-mode": str,
-    "head-ratio": float, "round-to": int, "max-block-ratio": float, "layers": str,
+    "head-ratio": float, "round-to": int, "max-block-ratio": float, "layers": str, "selection": str,
+    "refit-damping": float, "attn-refit-damping": float,
 }
 
 
