@@ -1,7 +1,8 @@
 """Text sources for calibration and evaluation, and seeded calibration samples.
 
 A source is a name (`wikipedia`, `lee`, `wikitext2`, `ptb`, `c4`) or a local .txt/.raw/.json/.jsonl file.
-`wikipedia` and `lee` are real English text shipped in the `gensim` wheel, so the default works offline;
+`wikipedia`, `lee` (news) and `newsgroups` (posts of the 20 Newsgroups collection) are real English text
+shipped in the `gensim` wheel, so the default works offline;
 the hub names use the real `datasets` loading code and fail with a clear message when offline.
 """
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = "wikipedia"
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
-OFFLINE_SOURCES = ("wikipedia", "lee")
+OFFLINE_SOURCES = ("wikipedia", "lee", "newsgroups")
 _WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -162,6 +163,8 @@ def _gensim_text(name: str) -> str:
     folder = _gensim_dir()
     if name == "lee":
         return _file_text(folder / "lee_background.cor")
+    if name == "newsgroups":
+        return _newsgroups_text(folder / "mini_newsgroup")
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []
@@ -172,6 +175,58 @@ def _gensim_text(name: str) -> str:
             if not markup.lstrip().lower().startswith("#redirect") and paragraphs:
                 articles.append("\n\n".join(paragraphs))
     return "\n\n".join(articles)
+
+
+class _BunchUnpickler:
+    """Reads gensim's 20 Newsgroups fixture (a pickled scikit-learn Bunch) without scikit-learn: dicts
+    and strings come through; numpy arrays (the labels, unused) become inert placeholders; any other
+    class is refused."""
+
+    ALLOWED = {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("__builtin__", "dict"),
+               ("builtins", "dict"), ("__builtin__", "object"), ("builtins", "object")}
+
+    @classmethod
+    def load(cls, raw: bytes):
+        import copyreg
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module.startswith("sklearn.") and name == "Bunch":
+                    return dict
+                if (module, name) in cls.ALLOWED:
+                    return {"_reconstructor": copyreg._reconstructor, "dict": dict, "object": object}[name]
+                if module.split(".")[0] == "numpy":
+                    return _Inert
+                raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+        import io
+
+        return Restricted(io.BytesIO(raw), encoding="latin1").load()
+
+
+class _Inert:
+    """Stands in for a numpy object while unpickling; holds nothing."""
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def __setstate__(self, _state) -> None:
+        pass
+
+
+def _newsgroups_text(path: Path) -> str:
+    import zlib
+
+    bunch = _BunchUnpickler.load(zlib.decompress(path.read_bytes()))
+    posts = []
+    for post in bunch["data"]:
+        # the body after the headers: forum English, unlike Wikipedia and news agency text
+        body = post.split("\n\n", 1)[1] if "\n\n" in post else post
+        paragraphs = [p.strip() for p in body.split("\n\n") if len(p.strip()) > 40]
+        if paragraphs:
+            posts.append("\n\n".join(paragraphs))
+    return "\n\n".join(posts)
 
 
 def calibration_samples(
