@@ -113,3 +113,20 @@ def test_tokenizer_goes_along(tmp_path, tokenizer):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out)("hello world").input_ids == tokenizer("hello world").input_ids
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3"])
+def test_default_refit_of_a_uniform_prune_saves_in_the_stock_format(family, tmp_path):
+    """Families whose stock config has no place for an output bias get a refit without an intercept,
+    so a uniform prune with the default recipe still loads as the stock class."""
+    lm = tiny_model(family)
+    ids = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(0))  # enough tokens to refit
+    result = prune(lm, PruneConfig(ratio=0.3), ids, progress=False)
+    assert any(v.startswith("refit") for b in result.report["compensation"]["blocks"] for v in b.values())
+    out = save_pruned(lm.model, None, lm.adapter, tmp_path / "pruned", result.report)
+    record = json.loads((out / "pruning_record.json").read_text())
+    assert record["saved_format"] == "stock"
+    assert json.loads((out / "config.json").read_text())["model_type"] == TINY_TYPE[family]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, lm.model(ids).logits, atol=1e-5)

@@ -25,7 +25,7 @@ from pathlib import Path
 from llm_bip import api
 from llm_bip.allocation import ALLOCATIONS
 from llm_bip.compensation import COMPENSATIONS
-from llm_bip.config import CALIBRATION_MODES, RATIO_OF, REFIT_TARGETS, SELECTIONS, PruneConfig
+from llm_bip.config import CALIBRATION_MODES, INTERCEPTS, RATIO_OF, REFIT_TARGETS, SELECTIONS, PruneConfig
 from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_sources
 from llm_bip.devices import DEVICE_CHOICES
 from llm_bip.errors import LlmBipError
@@ -45,7 +45,7 @@ DEFAULTS = PruneConfig()
 # ones that say how the cut is repaired (they apply on top of a plan too).
 STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
                     "head_ratio", "lipschitz", "selection")
-REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target")
+REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target", "refit_intercept")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -137,6 +137,9 @@ def _add_repair(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compensation", choices=COMPENSATIONS, help=f"default {DEFAULTS.compensation}")
     g.add_argument("--refit-target", choices=REFIT_TARGETS,
                    help="refit towards the block's own output (default), or (sequential) the dense model's")
+    g.add_argument("--refit-intercept", choices=INTERCEPTS,
+                   help="fit an output bias with the refit: auto (default; only where the family's stock config "
+                        "holds one, so uniform prunes save in the stock format), always, never")
     g.add_argument("--selection", choices=SELECTIONS,
                    help=f"keep the top-scoring structures ('scores'), or remove those the refit makes up for best "
                         f"('refit-aware'); default {DEFAULTS.selection}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from llm_bip.adapters import FamilyAdapter
 from llm_bip.allocation import ALLOCATIONS, AllocationConfig
 from llm_bip.compensation import COMPENSATIONS, BiasCompensation, Compensator, RefitCompensation
 from llm_bip.errors import LlmBipError
@@ -18,6 +19,7 @@ CALIBRATION_MODES = ("parallel", "sequential")
 RATIO_OF = ("non-embedding", "total")
 REFIT_TARGETS = ("layer", "dense")
 SELECTIONS = ("scores", "refit-aware")
+INTERCEPTS = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class PruneConfig:
     # "scores": keep the highest-scoring structures, then refit; "refit-aware": remove the structures
     # whose block-output change after the refit of the rest is smallest (optimal brain surgeon).
     selection: str = "scores"
+    # The refit's output bias (intercept): "auto" fits one only where the family's stock config can hold it
+    # (so a uniform prune saves in the stock format); "always" / "never".
+    refit_intercept: str = "auto"
     seed: int = 0
 
     def validate(self) -> PruneConfig:
@@ -57,6 +62,7 @@ class PruneConfig:
             (self.gqa_mode, GQA_MODES, "gqa-mode"), (self.calibration_mode, CALIBRATION_MODES, "calibration mode"),
             (self.compensation, COMPENSATIONS, "compensation"), (self.refit_target, REFIT_TARGETS, "refit target"),
             (self.lipschitz, LIPSCHITZ_VARIANTS, "lipschitz"), (self.selection, SELECTIONS, "selection"),
+            (self.refit_intercept, INTERCEPTS, "refit intercept"),
         ):
             if value not in allowed:
                 raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
@@ -96,7 +102,7 @@ class PruneConfig:
         # With bias compensation next, a structure costs its block-output change after compensation.
         return make_scorer(self.method, lipschitz=self.lipschitz, seed=self.seed, centered=self.compensation == "bias")
 
-    def compensator(self) -> Compensator:
+    def compensator(self, adapter: FamilyAdapter | None = None) -> Compensator:
         if self.compensation == "bias":
             return BiasCompensation()
         if self.compensation == "refit":
@@ -104,9 +110,15 @@ class PruneConfig:
                 from llm_bip.two_stream import DenseTargetRefit
 
                 return DenseTargetRefit(self.attn_refit_damping, self.refit_damping)
-            return RefitCompensation(self.attn_refit_damping, self.refit_damping,
+            return RefitCompensation(self.attn_refit_damping, self.refit_damping, self.intercepts(adapter),
                                      refit_aware=self.selection == "refit-aware")
         return Compensator()
+
+    def intercepts(self, adapter: FamilyAdapter | None) -> dict[str, bool]:
+        """Whether the refit of o_proj / down_proj fits an output bias."""
+        if self.refit_intercept != "auto" or adapter is None:
+            return {p: self.refit_intercept != "never" for p in ("o_proj", "down_proj")}
+        return {p: adapter.can_hold_output_bias(p) for p in ("o_proj", "down_proj")}
 
     @property
     def sequential(self) -> bool:

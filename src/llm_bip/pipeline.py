@@ -242,7 +242,7 @@ def prune(
         widths = plan_widths(costs, target, config, scores)  # fails fast, before any cutting
         selection = Selection(gqa_mode=config.gqa_mode, widths=widths, scorer=scorer,
                               table=None if config.sequential else scores, sequential=config.sequential)
-    compensator = config.compensator()
+    compensator = config.compensator(loaded.adapter)
     start = time.perf_counter()
     if resume is not None:
         compensator.load_state(resume.compensator_state)
@@ -274,7 +274,8 @@ def prune(
 def _applied_config(config: PruneConfig) -> dict:
     """What of the config applies on top of a saved plan."""
     return {k: v for k, v in config.to_json().items()
-            if k in ("calibration_mode", "compensation", "refit_damping", "attn_refit_damping", "refit_target", "seed")}
+            if k in ("calibration_mode", "compensation", "refit_damping", "attn_refit_damping", "refit_target",
+                     "refit_intercept", "seed")}
 
 
 def widths_of(loaded: LoadedModel) -> list[BlockWidths]:

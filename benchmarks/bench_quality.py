@@ -1,0 +1,130 @@
+"""Quality levers of the default recipe, measured (the quality issue): perplexity of variants of the default
+at several ratios, on WikiText-2 and on two texts neither calibrated nor tuned on (Lee news, newsgroups).
+
+    python benchmarks/bench_quality.py --model smollm2-135m --ratios 0.2 0.3 0.5 \\
+        --variants default refit-aware --out benchmarks/results/quality_smollm2.json
+    python benchmarks/bench_quality.py --model /tmp/llm-bip-bench/qwen-gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \\
+        --ratios 0.2 --variants default none --texts wikitext --windows-128 50 --lengths 128 --out ...
+
+A variant is a name from VARIANTS (PruneConfig changes, and calibration changes), or name:key=value,...
+with PruneConfig fields (numbers and None parsed). Results are written after every run, so a long run
+keeps what it has. Everything runs in one process: the dense model is loaded once and copied per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from llm_bip import api
+from llm_bip.config import PruneConfig
+from llm_bip.data import load_text, tokenize
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = {"wikitext": str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"), "lee": "lee",
+         "newsgroups": "newsgroups"}
+CALIBRATION = {"source": "wikipedia", "num_samples": 64, "seq_len": 256, "seed": 0}
+
+VARIANTS: dict[str, tuple[dict, dict]] = {  # name: (PruneConfig changes, calibration changes)
+    "default": ({}, {}),
+    "none": ({"compensation": "none"}, {}),
+    "bias": ({"compensation": "bias"}, {}),
+    "parallel": ({"calibration_mode": "parallel"}, {}),
+    "refit-aware": ({"selection": "refit-aware"}, {}),
+    "intercept-always": ({"refit_intercept": "always"}, {}),
+    "intercept-never": ({"refit_intercept": "never"}, {}),
+}
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    name, _, rest = spec.partition(":")
+    config, calibration = (dict(VARIANTS[name][0]), dict(VARIANTS[name][1])) if name in VARIANTS else ({}, {})
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        parsed = None if value == "None" else _number(value)
+        (config if key.replace("-", "_") in fields else calibration)[key.replace("-", "_")] = parsed
+    return spec, config, calibration
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def evaluate(lm, texts: dict, lengths: list[int], windows: dict[int, int]) -> dict:
+    out = {}
+    for name, ids in texts.items():
+        for n in lengths:
+            r = api.evaluate(lm, [name], [n], max_windows=windows[n], progress=False, tokenized={name: ids})
+            out[f"{name}@{n}"] = r[f"{name}@{n}"]["perplexity"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    parser.add_argument("--variants", nargs="+", default=["default"])
+    parser.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--windows-128", type=int, default=150)
+    parser.add_argument("--windows-2048", type=int, default=40)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    result.update(model=args.model, texts=args.texts, calibration_default=CALIBRATION,
+                  windows={"128": args.windows_128, "2048": args.windows_2048},
+                  command="python benchmarks/bench_quality.py " + " ".join(__import__("sys").argv[1:]))
+    dense = api.load(args.model)
+    texts = {name: tokenize(dense.tokenizer, load_text(TEXTS[name], split="test")) for name in args.texts}
+    windows = {128: args.windows_128, 2048: args.windows_2048}
+    windows.update({n: args.windows_128 for n in args.lengths if n not in windows})
+    if "dense" not in result:
+        result["dense"] = evaluate(dense, texts, args.lengths, windows)
+        out.write_text(json.dumps(result, indent=1))
+    print("dense", result["dense"], flush=True)
+    samples_cache: dict[tuple, tuple] = {}
+    for spec in args.variants:
+        name, changes, calibration = parse_variant(spec)
+        cal = {**CALIBRATION, **calibration}
+        key = tuple(sorted(cal.items()))
+        if key not in samples_cache:
+            samples_cache[key] = api.calibrate(dense, cal["source"], cal["num_samples"], cal["seq_len"], cal["seed"])
+        samples, info = samples_cache[key]
+        for ratio in args.ratios:
+            run_key = f"{name}@{ratio:g}"
+            if run_key in result["runs"]:
+                continue
+            lm = copy.deepcopy(dense)
+            config = dataclasses.replace(PruneConfig(ratio=ratio), **changes)
+            start = time.perf_counter()
+            pruned = api.prune(lm, config, samples, info, progress=False)
+            seconds = time.perf_counter() - start
+            blocks = pruned.report["compensation"]["blocks"]
+            result["runs"][run_key] = {
+                "variant": name, "ratio": ratio, "config": changes, "calibration": cal, "prune_seconds": seconds,
+                "removed_non_embedding": pruned.report["removed_fraction"]["non_embedding"],
+                "heads_kept": sum(len(b.keep_heads) for b in pruned.plan.blocks),
+                "compensation_kept": sorted({v.split(":")[0] for b in blocks for v in b.values()}),
+                "perplexity": evaluate(lm, texts, args.lengths, windows),
+            }
+            print(run_key, result["runs"][run_key]["perplexity"], f"{seconds:.1f}s", flush=True)
+            out.write_text(json.dumps(result, indent=1))
+            del lm
+
+
+if __name__ == "__main__":
+    main()
