@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from llm_bip.activations import capture_block_inputs, run_block
 from llm_bip.devices import release_freed_memory
+from llm_bip.evaluation.perplexity import window_losses
 from llm_bip.loading import LoadedModel, input_side_names, materialize, output_side_names
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -151,13 +151,11 @@ def streamed_perplexity(loaded: LoadedModel, ids: torch.Tensor, source: str, seq
     out_names = [n for n in output_side_names(model, adapter) if n in loaded.checkpoint.names()]
     materialize(model, loaded.checkpoint, out_names, blocks.dtype, loaded.device)
     model.tie_weights()
-    norm, head = adapter.final_norm(model), model.get_output_embeddings()
+    norm = adapter.final_norm(model)
     losses = []
     for i, hidden in enumerate(inputs.hidden):
         batch = data[i * batch_size : (i + 1) * batch_size].to(loaded.device)
-        logits = head(norm(hidden)).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-        losses += loss.view(batch.shape[0], -1).mean(1).tolist()
+        losses += window_losses(model, norm(hidden), batch).tolist()
     for name in out_names:  # free the norm and an untied head again (a tied head is the embedding)
         model.get_submodule(name.rsplit(".", 1)[0]).to("meta")
     mean = sum(losses) / len(losses)
