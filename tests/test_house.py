@@ -182,7 +182,8 @@ def test_refit_with_fewer_tokens_than_inputs_falls_back_and_says_so(caplog):
 
 
 def test_refit_keeps_the_plain_cut_where_it_does_worse(monkeypatch):
-    """The check that keeps a refit only if it lowers the block's output error on the calibration tokens."""
+    """The checks that keep a refit only if it solves its equations and lowers the block's output error on the
+    calibration tokens: a numerically wrecked solution is caught, and the plain cut kept."""
     import llm_bip.compensation as compensation
 
     real = compensation.ridge_solve
@@ -196,7 +197,8 @@ def test_refit_keeps_the_plain_cut_where_it_does_worse(monkeypatch):
     lm, plain = tiny_model("qwen2"), tiny_model("qwen2")
     result = api.prune(lm, PruneConfig(ratio=0.2), ids, progress=False)
     api.prune(plain, PruneConfig(ratio=0.2, compensation="none"), ids, progress=False)
-    assert all("plain cut: refit error" in b["down_proj"] for b in result.report["compensation"]["blocks"])
+    assert all(b["down_proj"].startswith("plain cut: the refit failed (it does not solve its normal equations")
+               for b in result.report["compensation"]["blocks"])
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, plain.model(ids).logits)
 

@@ -263,3 +263,19 @@ def test_activations_that_do_not_fit_live_on_disk(tokenizer, tmp_path, monkeypat
     assert "keeping them in files" in caplog.text
     assert_same_outputs(plain, spilled)
     assert not list(spilled.glob(".llm-bip-activations-*"))
+
+
+def test_tensor_files_are_safetensors(tmp_path):
+    """The tensor-by-tensor writer (no second copy in memory) writes files safetensors reads back exactly."""
+    from safetensors import safe_open
+
+    from llm_bip.tensor_files import write_safetensors
+
+    tensors = {"b.weight": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7), "empty": torch.zeros(0),
+               "half": torch.randn(4, dtype=torch.float16), "mask": torch.tensor([True, False]),
+               "wide": torch.randn(2, 3, dtype=torch.float64)}
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "pt"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}

@@ -18,6 +18,7 @@ biases of the kept inputs of o_proj / down_proj, so the cut that follows keeps e
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,16 +108,28 @@ class BiasCompensation(Compensator):
         return done
 
 
-_CHUNK = 1024  # rows of a Gram matrix handled at a time: bounds the float64 temporaries of a refit
+_CHUNK = 512  # rows of a Gram matrix handled at a time: bounds the float64 temporaries of a refit
 
 
 def ridge_solve(system: torch.Tensor, rhs: torch.Tensor, intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Solve `system` · X = `rhs` for the symmetric positive definite (ridge-damped) `system` in float64,
-    in place (`system` is overwritten by its Cholesky factor): returns X^T split into weights and intercept."""
-    _, info = torch.linalg.cholesky_ex(system, out=(system, torch.empty((), dtype=torch.int32)))
-    if int(info):
-        raise torch.linalg.LinAlgError("the damped Gram matrix is not positive definite")
-    solution = torch.cholesky_solve(rhs, system).T
+    in place (`system` becomes its Cholesky factor, `rhs` the solution): returns X^T split into weights and
+    intercept. On the CPU through LAPACK directly, because torch's solvers copy both matrices into
+    column-major order first (+ 240 MB for a TinyLlama down_proj); `rhs` should be column-major."""
+    if system.device.type == "cpu":
+        from scipy.linalg import lapack
+
+        # A symmetric matrix is its own transpose: the row-major system seen column-major, no copy.
+        factor, info = lapack.dpotrf(system.numpy().T, lower=1, overwrite_a=1, clean=0)
+        if info:
+            raise torch.linalg.LinAlgError("the damped Gram matrix is not positive definite")
+        solved, info = lapack.dpotrs(factor, rhs.numpy(), lower=1, overwrite_b=1)
+        solution = torch.from_numpy(solved).T
+    else:
+        _, info = torch.linalg.cholesky_ex(system, out=(system, torch.empty((), dtype=torch.int32, device=system.device)))
+        if int(info):
+            raise torch.linalg.LinAlgError("the damped Gram matrix is not positive definite")
+        solution = torch.cholesky_solve(rhs, system, out=rhs).T
     if intercept:
         return solution[:, :-1].float(), solution[:, -1].float()
     return solution.float(), None
@@ -124,10 +137,13 @@ def ridge_solve(system: torch.Tensor, rhs: torch.Tensor, intercept: bool) -> tup
 
 def _damp(system: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, damping: float) -> None:
     """Add the ridge D = damping · diag(G) (per input, by its own energy) to the system, and W_prior · D to
-    the right-hand side, in place; the intercept (last row, if any beyond `prior`) is pulled towards 0."""
+    the right-hand side, in place (a chunk of inputs at a time); the intercept (last row, if any beyond
+    `prior`) is pulled towards 0."""
     d = damping * torch.diagonal(system).clamp_min(1e-12)
     system.diagonal().add_(d)
-    rhs[: prior.shape[1]] += prior.T.double() * d[: prior.shape[1], None]
+    for start in range(0, prior.shape[1], _CHUNK):
+        end = min(start + _CHUNK, prior.shape[1])
+        rhs[start:end].addcmul_(prior[:, start:end].T.double(), d[start:end, None])
 
 
 def solve_refit(
@@ -146,7 +162,7 @@ def solve_refit(
     dim, intercept = gram.shape[0], mean is not None
     system = torch.empty(dim + intercept, dim + intercept, dtype=torch.float64, device=gram.device)
     system[:dim, :dim] = gram
-    rhs = torch.empty(dim + intercept, cross.shape[0], dtype=torch.float64, device=gram.device)
+    rhs = torch.empty(cross.shape[0], dim + intercept, dtype=torch.float64, device=gram.device).T  # column-major
     rhs[:dim] = cross.T
     if intercept:
         system[:dim, dim] = system[dim, :dim] = mean
@@ -160,26 +176,27 @@ def output_errors(weight: torch.Tensor, gram_sum: torch.Tensor, tokens: int, mea
                   keep: torch.Tensor, new_weight: torch.Tensor, bias_change: torch.Tensor | None) -> tuple[float, float]:
     """E_t ||W x_t - (W'_S x_S,t + Δb)||^2 over the calibration tokens for the plain cut (W'_S = W_S,
     Δb = 0) and for the refit, from the tokens' Gram matrix (a sum over `tokens`) and mean, a chunk of
-    its rows at a time: E ||M x + c||^2 = tr(M G M^T) / n + 2 c·(M mean) + ||c||^2."""
-    refit = weight.detach().to(torch.float64)
+    its rows at a time: E ||M x + c||^2 = tr(M G M^T) / n + 2 c·(M mean) + ||c||^2. The matrices are
+    float32 (this only decides which of two errors is smaller), the sums float64."""
+    refit = weight.detach().float().clone()
     device = refit.device
     removed = torch.ones(refit.shape[1], dtype=torch.bool, device=device)
     removed[keep.to(device)] = False
     plain = refit[:, removed]  # the plain cut's M is W on the removed inputs, zero elsewhere
-    refit[:, keep.to(device)] -= new_weight.to(device, torch.float64)  # the refit's M: W - W' (W' zero on removed)
+    refit[:, keep.to(device)] -= new_weight.to(device, torch.float32)  # the refit's M: W - W' (W' zero on removed)
     quadratic_plain = quadratic_refit = 0.0
     for start in range(0, refit.shape[1], _CHUNK):
-        rows = gram_sum[start : start + _CHUNK].to(device, torch.float64)  # [chunk, in]
+        rows = gram_sum[start : start + _CHUNK].to(device, torch.float32)  # [chunk, in]
         chunk_removed = removed[start : start + _CHUNK]
-        quadratic_refit += float((refit[:, start : start + _CHUNK] * (refit @ rows.T)).sum())
+        quadratic_refit += float((refit[:, start : start + _CHUNK] * (refit @ rows.T)).double().sum())
         if chunk_removed.any():
             first = int(removed[:start].sum())  # where this chunk's removed inputs start among plain's columns
             block = plain[:, first : first + int(chunk_removed.sum())]
-            quadratic_plain += float((block * (plain @ rows[chunk_removed][:, removed].T)).sum())
+            quadratic_plain += float((block * (plain @ rows[chunk_removed][:, removed].T)).double().sum())
     c = -bias_change.to(device, torch.float64) if bias_change is not None else torch.zeros(refit.shape[0], dtype=torch.float64, device=device)
     mu = mean.to(device, torch.float64)
     plain_error = quadratic_plain / tokens
-    refit_error = quadratic_refit / tokens + 2 * float(c @ (refit @ mu)) + float(c @ c)
+    refit_error = quadratic_refit / tokens + 2 * float(c @ (refit @ mu.float()).double()) + float(c @ c)
     return max(plain_error, 0.0), max(refit_error, 0.0)
 
 
@@ -247,9 +264,9 @@ class RefitCompensation(Compensator):
         cols, keep = _kept(plan, adapter)
         n = stats.tokens
         done = {}
-        for key, linear, kept, gram, mean, ridge in (
-            ("o_proj", parts.o_proj, cols, stats.attn_gram, stats.attn_mean, self.attn_damping),
-            ("down_proj", parts.down_proj, keep, stats.ffn_gram, stats.ffn_mean, self.damping),
+        for key, linear, kept, gram_field, mean, ridge in (
+            ("o_proj", parts.o_proj, cols, "attn_gram", stats.attn_mean, self.attn_damping),
+            ("down_proj", parts.down_proj, keep, "ffn_gram", stats.ffn_mean, self.damping),
         ):
             if len(kept) == linear.in_features:
                 continue
@@ -259,57 +276,86 @@ class RefitCompensation(Compensator):
                             len(kept))
                 done[key] = f"plain cut: {n} tokens for {len(kept)} inputs"
                 continue
-            if gram is None or (key == "o_proj" and stats.attn_gram_block):
+            if getattr(stats, gram_field) is None or (key == "o_proj" and stats.attn_gram_block):
                 raise AssertionError(f"a refit of {key} needs the full Gram matrix of its input")
             with_intercept = self._intercept(key)
             if key in self._solved and torch.equal(self._solved[key][0], kept.cpu()):
                 _, new, bias = self._solved[key]  # the refit-aware selection solved it on the way
-                done[key] = self._apply(adapter, linear, kept, new, bias, gram, n, mean, plan.layer, key, with_intercept)
+                errors = output_errors(linear.weight, getattr(stats, gram_field), n, mean, kept, new, bias)
             else:
-                done[key] = self._refit(adapter, linear, kept, gram, n, mean, ridge, with_intercept, plan.layer, key)
+                # _solve takes the Gram matrix over (the largest statistic) and drops it once the system is built.
+                new, bias, errors = self._solve(linear.weight.detach(), kept, _take(stats, gram_field), n, mean, ridge,
+                                                with_intercept)
+            done[key] = self._apply(adapter, linear, kept, new, bias, errors, plan.layer, key, with_intercept)
         self._solved = {}
         return done
 
-    def _refit(self, adapter, linear, kept, gram_sum, tokens, mean, ridge, with_intercept, layer, key) -> str:
-        """Refit `linear`'s kept columns towards its own output W x, with float64 temporaries bounded by
-        a chunk of the Gram matrix's rows (plus the solve's own system and right-hand side)."""
-        w = linear.weight.detach()
+    def _solve(self, w, kept, gram_box: list[torch.Tensor], tokens, mean, ridge, with_intercept):
+        """The ridge refit of `w`'s kept columns towards its own output t = W x, and the output errors of the
+        plain cut and of the refit on the calibration tokens. Float64 temporaries are bounded by a chunk of
+        the Gram matrix's rows, and the Gram matrix itself is dropped before the solve: the refit's error
+        comes from the normal equations, E||t - W'z||^2 = E||t||^2 - tr(W'C) + Σ_j d_j (W0_j - W'_j)·W'_j,
+        with C = E[z t^T] and D the ridge."""
         device = w.device
         kept = kept.to(device)
         dim, out = len(kept), w.shape[0]
+        gram_sum = gram_box.pop()
+        removed = torch.ones(w.shape[1], dtype=torch.bool, device=device)
+        removed[kept] = False
+        energy, plain = _energies(w, gram_sum, tokens, removed)
         system = torch.empty(dim + with_intercept, dim + with_intercept, dtype=torch.float64, device=device)
-        rhs = torch.zeros(dim + with_intercept, out, dtype=torch.float64, device=device)
-        for start in range(0, gram_sum.shape[0], _CHUNK):
-            rows = gram_sum[start : start + _CHUNK].to(device, torch.float64) / tokens  # E[x_chunk x^T]
-            rhs[:dim] += rows[:, kept].T @ w[:, start : start + _CHUNK].T.double()  # E[x_S t^T], t = W x
         for start in range(0, dim, _CHUNK):
-            rows = gram_sum[kept[start : start + _CHUNK]].to(device, torch.float64)
-            system[start : start + len(rows), :dim] = rows[:, kept] / tokens
+            rows = gram_sum[kept[start : start + _CHUNK]][:, kept]
+            system[start : start + len(rows), :dim] = rows.to(device, torch.float64).div_(tokens)  # E[x_S x_S^T]
+        kept_removed = gram_sum[:, removed][kept].to(device, torch.float64).div_(tokens)  # E[x_S x_R^T]
+        del gram_sum, rows  # its last reference: from here on only the system and rhs
+        # rhs = E[x_S t^T] with t = W x = W_S x_S + W_R x_R, a chunk of outputs at a time
+        rhs = torch.empty(out, dim + with_intercept, dtype=torch.float64, device=device).T  # column-major (LAPACK)
+        for start in range(0, out, _CHUNK):
+            chunk = w[start : start + _CHUNK].double()
+            rhs[:dim, start : start + len(chunk)] = system[:dim, :dim] @ chunk[:, kept].T + kept_removed @ chunk[:, removed].T
+        del kept_removed
         mu = mean.to(device, torch.float64)
         if with_intercept:
             system[:dim, dim] = system[dim, :dim] = mu[kept]
             system[dim, dim] = 1.0
             rhs[dim] = w.double() @ mu
-        _damp(system, rhs, w[:, kept], ridge)
+        cross = rhs.T.float()  # C^T = E[t z^T], before the ridge is added (float32: for the error only)
+        prior = w[:, kept]
+        _damp(system, rhs, prior, ridge)
+        damping = torch.diagonal(system).clone()
         try:
             new, bias = ridge_solve(system, rhs, with_intercept)
         except torch.linalg.LinAlgError:
-            new = None
-        del system, rhs
-        if new is None:
-            log.warning("layer %s %s: the refit's system could not be solved; kept the plain cut", layer, key)
-            return "plain cut: refit not solvable"
-        return self._apply(adapter, linear, kept, new, bias, gram_sum, tokens, mean, layer, key, with_intercept)
+            return None, "its system is not positive definite", (plain, math.inf)
+        del rhs
+        # d_j = the ridge added to input j (damping · G_jj); recovered as diag(G + D) · damping / (1 + damping)
+        d = damping * (ridge / (1 + ridge))
+        solved = torch.cat([new, bias[:, None]], 1).double() if bias is not None else new.double()
+        prior_aug = torch.cat([prior.double(), torch.zeros(out, 1, dtype=torch.float64, device=device)], 1) \
+            if bias is not None else prior.double()
+        # The error below holds for a solution of the normal equations W'(H + D) = C^T + W0 D; check that it is
+        # one on a few random directions (H + D from its Cholesky factor), so a numerical failure cannot pass.
+        residual = _normal_equation_residual(system, solved, cross, prior_aug, d)
+        del system
+        if not residual < 1e-4:
+            return None, f"it does not solve its normal equations (relative residual {residual:.2g})", (plain, math.inf)
+        explained = float((solved * cross.double()).sum())
+        pulled = float(((prior_aug - solved) * solved * d).sum())
+        return new, bias, (plain, max(energy - explained + pulled, 0.0))
 
-    def _apply(self, adapter, linear, kept, new, bias, gram_sum, tokens, mean, layer, key, with_intercept) -> str:
-        """Write the refit into the kept columns (and the bias), unless it does worse than the plain cut on
-        the calibration tokens (or is not finite)."""
+    def _apply(self, adapter, linear, kept, new, bias, errors, layer, key, with_intercept) -> str:
+        """Write the refit into the kept columns (and the bias), unless it failed, is not finite, or does
+        worse than the plain cut on the calibration tokens."""
+        if new is None:  # `bias` says why
+            log.warning("layer %s %s: the refit failed (%s); kept the plain cut", layer, key, bias)
+            return f"plain cut: the refit failed ({bias})"
         w = linear.weight.detach()
         kept = kept.to(w.device)
         if not torch.isfinite(new).all() or (bias is not None and not torch.isfinite(bias).all()):
             log.warning("layer %s %s: the refit is not finite; kept the plain cut", layer, key)
             return "plain cut: refit not finite"
-        plain, refit = output_errors(w, gram_sum, tokens, mean, kept, new, bias)
+        plain, refit = errors
         if not refit < plain:
             log.warning("layer %s %s: the refit's calibration error (%.4g) is not below the plain cut's (%.4g); kept "
                         "the plain cut", layer, key, refit, plain)
@@ -320,6 +366,46 @@ class RefitCompensation(Compensator):
         if bias is not None:
             add_output_bias(adapter, linear, bias)
         return "refit" + ("" if with_intercept else " (no intercept)")
+
+
+def _normal_equation_residual(factor: torch.Tensor, solved: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor,
+                              d: torch.Tensor, probes: int = 4) -> float:
+    """|| (W'(H + D) - C^T - W0 D) V || / || (C^T + W0 D) V || for random V, with H + D = L L^T from the
+    Cholesky factor that `ridge_solve` left in `factor` (no copy of it)."""
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(factor.shape[0], probes, generator=generator, dtype=torch.float64).to(factor.device)
+    if factor.device.type == "cpu":
+        from scipy.linalg import blas
+
+        lower = factor.numpy().T  # where LAPACK left L (see ridge_solve)
+        hv = torch.from_numpy(blas.dtrmm(1.0, lower, blas.dtrmm(1.0, lower, v.numpy(), lower=1, trans_a=1),
+                                         lower=1, trans_a=0))
+    else:
+        lower = torch.tril(factor)
+        hv = lower @ (lower.T @ v)
+    target = cross.double() @ v + (prior * d) @ v
+    return float((solved @ hv - target).norm() / target.norm().clamp_min(1e-30))
+
+
+def _take(stats: BlockStats, field: str) -> list[torch.Tensor]:
+    """Hand a statistic over to its one consumer: the stats no longer hold it, and the consumer can free
+    it mid-way by emptying the returned list."""
+    box = [getattr(stats, field)]
+    setattr(stats, field, None)
+    return box
+
+
+def _energies(w: torch.Tensor, gram_sum: torch.Tensor, tokens: int, removed: torch.Tensor) -> tuple[float, float]:
+    """E||W x||^2 and the plain cut's error E||W_R x_R||^2 (R the removed inputs), a chunk of output rows
+    at a time (no copy of W or of the Gram matrix)."""
+    gram_removed = gram_sum[:, removed][removed].to(w.device, torch.float32)
+    energy = plain = 0.0
+    for start in range(0, w.shape[0], _CHUNK):
+        chunk = w[start : start + _CHUNK].float()
+        energy += float((chunk * (chunk @ gram_sum.to(w.device, torch.float32))).double().sum())
+        chunk_removed = chunk[:, removed]
+        plain += float((chunk_removed * (chunk_removed @ gram_removed)).double().sum())
+    return energy / tokens, plain / tokens
 
 
 COMPENSATIONS = ("none", "bias", "refit")

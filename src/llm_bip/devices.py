@@ -73,6 +73,16 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def return_large_frees_at_once() -> None:
+    """Let glibc hand every allocation of 1 MiB or more back to the system when it is freed (instead of
+    keeping it in a heap that a streamed run's changing tensor sizes fragment): a streamed TinyLlama's
+    peak fell from 1.49 to 1.30 GB with it. Process-wide, and only set for streamed runs."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed, so no longer adaptive)
+    except (OSError, AttributeError):
+        pass
+
+
 def release_freed_memory(device: torch.device) -> None:
     """Hand memory freed since the last call back to the system. glibc keeps freed heap for reuse, and
     blocks of changing sizes (dense in, pruned out) fragment it: without this a streamed run's resident

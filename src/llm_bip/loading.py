@@ -26,7 +26,7 @@ from transformers import (
 
 from llm_bip.adapters import FamilyAdapter, adapter_for
 from llm_bip.checkpoints import Checkpoint, GGUFCheckpoint, SafetensorsCheckpoint
-from llm_bip.devices import resolve_device
+from llm_bip.devices import resolve_device, return_large_frees_at_once
 from llm_bip.errors import LlmBipError
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ def load_model(source: str | os.PathLike | None = None, weights_dtype: str | tor
             checkpoint = open_checkpoint(files, config)
             checkpoint.validate()
     if streaming:
+        return_large_frees_at_once()
         model = skeleton(config, dtype)
         _check_names(model, checkpoint, files)
         materialize(model, checkpoint, [n for n in input_side_names(model, adapter) if n in checkpoint.names()],

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llm_bip.block_loop import LoopResult
 from llm_bip.compensation import Compensator
@@ -24,6 +24,7 @@ from llm_bip.errors import LlmBipError
 from llm_bip.outputs import PARTIAL_MARKER
 from llm_bip.pipeline import Resume
 from llm_bip.plan import BlockPlan
+from llm_bip.tensor_files import write_safetensors
 
 PARTIAL_FORMAT = "llm-bip-partial/1"
 RUN_FILE = "run.json"
@@ -96,7 +97,7 @@ class PartialRun:
         tensors.update({f"state.{k}": v.detach().cpu().contiguous() for k, v in compensator.state().items()})
         name = f"inputs-{layer + 1:05d}.safetensors"
         tmp = self.directory / (name + ".tmp")
-        save_file(tensors, str(tmp))
+        write_safetensors(tmp, tensors)
         tmp.replace(self.directory / name)
         previous = self.state.get("inputs")
         self.state.update(next_layer=layer + 1, inputs=name, plans=[asdict(p) for p in result.plans],

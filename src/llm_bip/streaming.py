@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from llm_bip.activations import capture_block_inputs, run_block
 from llm_bip.devices import release_freed_memory
 from llm_bip.evaluation.perplexity import window_losses
 from llm_bip.loading import LoadedModel, input_side_names, materialize, output_side_names
+from llm_bip.tensor_files import write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -99,7 +99,7 @@ class ShardWriter:
                for k, v in tensors.items()}
         path = self.directory / self.name(shard)
         tmp = path.with_suffix(".partial")
-        save_file(cpu, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, cpu, metadata={"format": "pt"})
         tmp.replace(path)
 
     def written(self) -> dict[str, tuple[str, tuple[int, ...]]]:
