@@ -331,17 +331,28 @@ class RefitCompensation(Compensator):
         del rhs
         # d_j = the ridge added to input j (damping · G_jj); recovered as diag(G + D) · damping / (1 + damping)
         d = damping * (ridge / (1 + ridge))
-        solved = torch.cat([new, bias[:, None]], 1).double() if bias is not None else new.double()
-        prior_aug = torch.cat([prior.double(), torch.zeros(out, 1, dtype=torch.float64, device=device)], 1) \
-            if bias is not None else prior.double()
         # The error below holds for a solution of the normal equations W'(H + D) = C^T + W0 D; check that it is
         # one on a few random directions (H + D from its Cholesky factor), so a numerical failure cannot pass.
-        residual = _normal_equation_residual(system, solved, cross, prior_aug, d)
+        probes = torch.randn(system.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        hv = _times_factored(system, probes.to(device))
         del system
+        explained = pulled = residual_sq = target_sq = 0.0
+        for start in range(0, out, _CHUNK):  # a chunk of outputs at a time: no full-size float64 copies
+            end = min(start + _CHUNK, out)
+            solved = new[start:end].double()
+            prior_chunk = prior[start:end].double()
+            if bias is not None:
+                solved = torch.cat([solved, bias[start:end, None].double()], 1)
+                prior_chunk = torch.cat([prior_chunk, torch.zeros(end - start, 1, dtype=torch.float64, device=device)], 1)
+            c = cross[start:end].double()
+            explained += float((solved * c).sum())
+            pulled += float(((prior_chunk - solved) * solved * d).sum())
+            target = c @ probes.to(device) + (prior_chunk * d) @ probes.to(device)
+            residual_sq += float(((solved @ hv - target) ** 2).sum())
+            target_sq += float((target**2).sum())
+        residual = (residual_sq / max(target_sq, 1e-300)) ** 0.5
         if not residual < 1e-4:
             return None, f"it does not solve its normal equations (relative residual {residual:.2g})", (plain, math.inf)
-        explained = float((solved * cross.double()).sum())
-        pulled = float(((prior_aug - solved) * solved * d).sum())
         return new, bias, (plain, max(energy - explained + pulled, 0.0))
 
     def _apply(self, adapter, linear, kept, new, bias, errors, layer, key, with_intercept) -> str:
@@ -368,23 +379,17 @@ class RefitCompensation(Compensator):
         return "refit" + ("" if with_intercept else " (no intercept)")
 
 
-def _normal_equation_residual(factor: torch.Tensor, solved: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor,
-                              d: torch.Tensor, probes: int = 4) -> float:
-    """|| (W'(H + D) - C^T - W0 D) V || / || (C^T + W0 D) V || for random V, with H + D = L L^T from the
-    Cholesky factor that `ridge_solve` left in `factor` (no copy of it)."""
-    generator = torch.Generator().manual_seed(0)
-    v = torch.randn(factor.shape[0], probes, generator=generator, dtype=torch.float64).to(factor.device)
+def _times_factored(factor: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(H + D) v from the Cholesky factor L that `ridge_solve` left in `factor` (H + D = L L^T), without
+    copying it."""
     if factor.device.type == "cpu":
         from scipy.linalg import blas
 
         lower = factor.numpy().T  # where LAPACK left L (see ridge_solve)
-        hv = torch.from_numpy(blas.dtrmm(1.0, lower, blas.dtrmm(1.0, lower, v.numpy(), lower=1, trans_a=1),
-                                         lower=1, trans_a=0))
-    else:
-        lower = torch.tril(factor)
-        hv = lower @ (lower.T @ v)
-    target = cross.double() @ v + (prior * d) @ v
-    return float((solved @ hv - target).norm() / target.norm().clamp_min(1e-30))
+        return torch.from_numpy(blas.dtrmm(1.0, lower, blas.dtrmm(1.0, lower, v.numpy(), lower=1, trans_a=1),
+                                           lower=1, trans_a=0))
+    lower = torch.tril(factor)
+    return lower @ (lower.T @ v)
 
 
 def _take(stats: BlockStats, field: str) -> list[torch.Tensor]:
