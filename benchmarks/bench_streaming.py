@@ -242,7 +242,7 @@ def bench_qwen(work: Path) -> dict:
 
 
 def bench_precision(work: Path) -> dict:
-    result: dict = {"model": "smollm2-135m", "eval": f"{WIKITEXT.name}, 150 windows @128, 40 @2048", "runs": {}}
+    result: dict = {"model": "smollm2-135m", "eval": f"{WIKITEXT.name}, at most 150 windows at each length: 150 @128, all 140 @2048", "runs": {}}
     for dtype in ("bfloat16", "float32"):
         for ratio in ("0.2", "0.5"):
             out = work / f"precision-{dtype}-{ratio}"
