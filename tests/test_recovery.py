@@ -249,7 +249,7 @@ def test_config_round_trips_through_json_and_validates(tmp_path):
 
 
 def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monkeypatch):
-    import llm_bip.recovery.lora as lora
+    import llm_bip.recovery.objective as objective
 
     data = write_instructions(tmp_path / "alpaca.jsonl")
     start = pruned_like_model(len(tokenizer))
@@ -257,7 +257,7 @@ def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monk
     straight, straight_report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "a")
 
     calls = 0
-    real_loss = lora.summed_loss
+    real_loss = objective.summed_loss
 
     def interrupting_loss(model, batch):
         nonlocal calls
@@ -266,10 +266,10 @@ def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monk
             raise KeyboardInterrupt
         return real_loss(model, batch)
 
-    monkeypatch.setattr(lora, "summed_loss", interrupting_loss)
+    monkeypatch.setattr(objective, "summed_loss", interrupting_loss)
     with pytest.raises(KeyboardInterrupt):
         recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "b")
-    monkeypatch.setattr(lora, "summed_loss", real_loss)
+    monkeypatch.setattr(objective, "summed_loss", real_loss)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
     resumed, report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "b", resume=True)
     assert report["resumed_from_step"] == 2

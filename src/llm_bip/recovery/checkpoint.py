@@ -1,8 +1,9 @@
-"""Training checkpoints for LoRA recovery: everything needed to continue a run bit for bit.
+"""Training checkpoints for recovery runs: everything needed to continue a run bit for bit.
 
-`<checkpoint_dir>/checkpoint/` holds the trainable (adapter) weights, the optimizer and scheduler states,
-every random generator's state, the data order of each epoch and `state.json` (step, config, loss curve so
-far, data and model fingerprints). Only the latest checkpoint is kept; it is written to a temporary folder
+`<checkpoint_dir>/checkpoint/` holds the trained weights (`adapter.safetensors` for LoRA, the float32 master
+weights `weights.safetensors` for full fine-tuning), the optimizer and scheduler states, every random
+generator's state, the data order of each epoch and `state.json` (step, config, trainer, objective, loss curve
+so far, data and model fingerprints). Only the latest checkpoint is kept; it is written to a temporary folder
 and renamed into place, so an interrupted save never leaves a half-written checkpoint behind.
 """
 
@@ -22,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from llm_bip.errors import LlmBipError
 
 CHECKPOINT_NAME = "checkpoint"
-_FILES = ("adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "data_order.pt", "state.json")
+# The trained weights' file, by trainer (checkpoints from before full fine-tuning existed are LoRA ones).
+WEIGHTS_FILES = {"lora": "adapter.safetensors", "full": "weights.safetensors"}
+_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "data_order.pt", "state.json")
 
 
 @dataclass
@@ -40,6 +43,9 @@ class TrainingState:
     tokens_trained: int
     python_rng: Any = None
     numpy_rng: Any = None
+    trainer: str = "lora"
+    # The objective's description (`LmObjective.describe()` / `DistillObjective.describe()`); None: "lm".
+    objective: dict[str, Any] | None = None
 
 
 def checkpoint_path(checkpoint_dir: Path) -> Path:
@@ -67,7 +73,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(
-        {k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "adapter.safetensors")
+        {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+        str(tmp / WEIGHTS_FILES[state.trainer]),
     )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -108,9 +115,14 @@ def load_checkpoint(checkpoint_dir: Path) -> LoadedCheckpoint:
         state = TrainingState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as e:
         raise LlmBipError(f"checkpoint {path}/state.json is unreadable ({e}); start a new run") from None
+    weights = path / WEIGHTS_FILES.get(state.trainer, "")
+    if state.trainer not in WEIGHTS_FILES or not weights.is_file():
+        raise LlmBipError(
+            f"checkpoint {path} is incomplete (no weights of trainer '{state.trainer}'); start a new run"
+        )
     return LoadedCheckpoint(
         state=state,
-        trainable=load_file(str(path / "adapter.safetensors")),
+        trainable=load_file(str(weights)),
         optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         scheduler=torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
         rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),

@@ -14,6 +14,11 @@ from llm_bip.errors import LlmBipError
 # may change them, every other field must match the checkpoint or the continuation would not be exact.
 RESUMABLE_FIELDS = frozenset({"max_time_s", "eval_steps", "save_steps", "progress_bar"})
 
+# What is trained: LoRA adapters merged at the end (LLM-Pruner's recipe), or every weight of the model.
+TRAINERS = ("lora", "full")
+# LoraRecoveryConfig fields that only mean something to the LoRA trainer.
+LORA_ONLY_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+
 
 @dataclass
 class LoraRecoveryConfig:
@@ -22,7 +27,8 @@ class LoraRecoveryConfig:
     `batch_size` is the number of examples per optimizer step, reached by gradient accumulation over
     micro-batches of `micro_batch_size`. `max_steps` caps the run and, as in Hugging Face's Trainer, sets the
     length of the learning-rate schedule; `max_time_s` only stops the run (the schedule is unchanged, so a
-    resumed run continues it exactly).
+    resumed run continues it exactly). Full fine-tuning (`recover(..., trainer="full")`) uses every field but the
+    LoRA-only ones (`LORA_ONLY_FIELDS`), which must then keep their defaults.
     """
 
     lora_r: int = 8
@@ -125,3 +131,35 @@ class LoraRecoveryConfig:
         """Names of fields that differ and would change the numbers of a resumed run."""
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in RESUMABLE_FIELDS and mine[k] != theirs[k])
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Logit distillation from the dense model (the teacher): how its next-token distributions are used.
+
+    The loss at each trained position is `alpha * temperature**2 * KL(teacher || student)` at `temperature`,
+    plus `(1 - alpha)` times the usual cross-entropy on the data's next token: `alpha` 1 is pure distillation.
+    The `temperature**2` factor keeps the KL term's gradients the same size whatever the temperature (Hinton et
+    al.), so alpha means the same thing at every temperature. `top_k` is used only by a teacher cache: how many
+    of the teacher's most likely tokens are stored per position (the rest of its mass is kept as one bucket).
+    """
+
+    alpha: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise LlmBipError(
+                f"distillation: alpha (the weight of the KL term) must be in (0, 1], got {self.alpha}; "
+                "without a KL term there is nothing to distil: train without a teacher"
+            )
+        if not self.temperature > 0.0 or self.temperature == float("inf"):
+            raise LlmBipError(f"distillation: temperature must be a positive number, got {self.temperature}")
+        if self.top_k < 1:
+            raise LlmBipError(f"distillation: top_k must be at least 1, got {self.top_k}")
+
+    @property
+    def kind(self) -> str:
+        """The objective's name: "distill" (KL only) or "mixed" (KL and the language-model loss)."""
+        return "distill" if self.alpha == 1.0 else "mixed"
