@@ -6,8 +6,8 @@
     result = llm_bip.prune(lm, llm_bip.PruneConfig(ratio=0.2), samples, calibration=info)
     llm_bip.save(lm, "out/smollm2-20", record=result.report)
 
-Verbs: `load`, `calibrate`, `score`, `plan`, `prune`, `apply_plan`, `evaluate`, `save`, `recover`,
-`zero_shot`, `info`.
+Verbs: `load`, `calibrate`, `score`, `plan`, `prune`, `apply_plan`, `evaluate`, `save`, `recover`
+(with `load_teacher` for distillation), `zero_shot`, `info`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,7 +27,7 @@ from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, w
 from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel, load_model
 from llm_bip.params import count_parameters
-from llm_bip.pipeline import PruneResult, widths_of
+from llm_bip.pipeline import PruneResult, check_depth, widths_of
 from llm_bip.pipeline import plan as _plan
 from llm_bip.pipeline import prune as _prune
 from llm_bip.pipeline import score as _score
@@ -34,6 +35,9 @@ from llm_bip.plan import PruningPlan
 from llm_bip.saving import read_record, save_pruned
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import make_scorer
+
+if TYPE_CHECKING:  # recovery imports peft: loaded only when a recovery runs
+    from llm_bip.recovery import DistillConfig, LoraRecoveryConfig, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,12 @@ def plan(scores: ScoreTable, config: PruneConfig, loaded: LoadedModel | None = N
         scores.check_model(loaded.model, loaded.adapter)
         embedding_parameters = loaded.adapter.embedding_parameters(loaded.model)
     return _plan(scores, config, embedding_parameters or 0)
+
+
+def check_config(loaded: LoadedModel, config: PruneConfig) -> None:
+    """The checks of a prune's options that need the model's shapes but no pass over it (e.g. blocks to
+    remove that leave none, or that take more than the ratio): fail before calibration and evaluation."""
+    check_depth(loaded, config)
 
 
 def prune(
@@ -184,22 +194,59 @@ def save(loaded: LoadedModel, out_dir: str | Path, record: dict | None = None, o
                        inputs=(loaded.source, *inputs), save_dtype=save_dtype)
 
 
-def recover(loaded: LoadedModel, data: str | Path, config=None, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, dtype: str = "bfloat16") -> dict:
-    """LoRA fine-tuning of `loaded.model` (merged back in place); returns the run's report."""
-    from llm_bip.recovery import LoraRecoveryConfig
+def recover(loaded: LoadedModel, data: str | Path, config: LoraRecoveryConfig | None = None,
+            checkpoint_dir: str | Path | None = None, resume: bool = False, dtype: str = "bfloat16", *,
+            trainer: str = "lora", teacher: LoadedModel | Teacher | str | Path | None = None,
+            distill: DistillConfig | None = None, teacher_cache: str | Path | None = None) -> dict:
+    """Recovery fine-tuning of `loaded.model` in place; returns the run's report.
+
+    `trainer`: "lora" (adapters merged back; the frozen base runs in `dtype`) or "full" (every weight, kept in
+    its dtype: forward passes autocast to `dtype`, AdamW on float32 masters where the weights are half
+    precision). Without `teacher` the objective is the LM loss; with one (the dense model: a `LoadedModel`, a
+    hub id / directory / .gguf loaded like `load` does, or `load_teacher`'s result) it is distillation as
+    `distill` (a `recovery.DistillConfig`: alpha, temperature, top_k) says, the teacher run on the fly in
+    `dtype`, or read from `teacher_cache` (a directory of its top-k log-probabilities, filled on first use)."""
+    from llm_bip.recovery import LoraRecoveryConfig, Teacher
     from llm_bip.recovery import recover as _recover
 
+    if isinstance(teacher, LoadedModel):
+        if teacher.streamed:
+            raise LlmBipError("a streamed teacher cannot run whole batches: load the teacher without streaming")
+        teacher = Teacher.in_memory(teacher.model, teacher.tokenizer, teacher.source)
+    elif teacher is not None and not isinstance(teacher, Teacher):
+        teacher = load_teacher(teacher, dtype, loaded.device)
     weights_dtype = next(loaded.model.parameters()).dtype
-    # Frozen base weights in the compute dtype; LoRA weights and the loss stay fp32 (see recovery.lora).
-    loaded.model.to(DTYPES[dtype])
+    if trainer == "lora":
+        # Frozen base weights in the compute dtype; LoRA weights and the loss stay fp32 (see recovery.lora).
+        # Full fine-tuning keeps the weights' dtype (rounding float32 weights to bf16 would lose what the
+        # float32 masters are there to keep) and autocasts instead (see recovery.full).
+        loaded.model.to(DTYPES[dtype])
     try:
         model, report = _recover(loaded.model, loaded.tokenizer, data, config or LoraRecoveryConfig(),
-                                 checkpoint_dir, resume=resume)
+                                 checkpoint_dir, resume=resume, trainer=trainer, teacher=teacher, distill=distill,
+                                 teacher_cache=teacher_cache, dtype=dtype)
     finally:
         loaded.model.to(weights_dtype)
     loaded.model = model.to(weights_dtype)
     return report
+
+
+def load_teacher(source: str | Path, dtype: str = "bfloat16", device: str | torch.device = "cpu") -> Teacher:
+    """The dense model to distil from (hub id, model directory or .gguf file), as a `recovery.Teacher`.
+
+    Its tokenizer, vocabulary size and identity (resolved path and size of its weight files) are read now, so
+    a wrong teacher fails before any work; its weights are loaded (like `load`, in `dtype`, on `device`) only
+    when its outputs are needed, which is never when a teacher cache already holds what a run reads."""
+    from llm_bip.loading import load_tokenizer, locate, read_config
+    from llm_bip.recovery import Teacher
+    from llm_bip.recovery.teacher import files_identity
+
+    if dtype not in DTYPES:
+        raise LlmBipError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    files = locate(source)
+    vocab_size = read_config(files).vocab_size
+    return Teacher(files_identity(Path(files.where)), vocab_size, load_tokenizer(files),
+                   loader=lambda: load_model(source, dtype, device, streaming=False).model)
 
 
 def zero_shot(loaded: LoadedModel, tasks: list[str], task_data: str | Path | None = None, limit: int | None = None,
@@ -224,5 +271,5 @@ def info(loaded: LoadedModel) -> dict:
     }
 
 
-__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "info", "load", "plan", "prune",
-           "prune_to_disk", "recover", "save", "score", "short_name", "zero_shot"]
+__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "info", "load", "load_teacher", "plan",
+           "prune", "prune_to_disk", "recover", "save", "score", "short_name", "zero_shot"]

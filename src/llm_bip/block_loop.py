@@ -2,7 +2,9 @@
 
 Catch the inputs of block 0 once, then for each block: gather its statistics in one pass over the
 calibration activations, score, select, compensate, cut, and pass the activations on (through the
-pruned block when sequential, the dense one when parallel). Only one block's activations are alive at a
+pruned block when sequential, the dense one when parallel). A block that depth pruning removes keeps
+nothing: sequentially its inputs go on unchanged, as they will in the pruned model; in parallel mode it
+still runs, so the activations stay the dense model's. Only one block's activations are alive at a
 time. Where the blocks come from and where they go is a `BlockSource`: the model in memory, or (for
 models that do not fit) a checkpoint on disk, one block loaded, pruned, written and freed at a time.
 """
@@ -37,7 +39,11 @@ class BlockSource(Protocol):
         """The block, materialised on the compute device."""
 
     def done(self, layer: int, block: nn.Module) -> None:
-        """The pruned block: keep it (in memory) or write and free it (streaming)."""
+        """The pruned block: keep it (in memory) or write and free it (streaming). A removed block that
+        was loaded (for a compensator that reads it) is only given back, never kept."""
+
+    def remove(self, layers: list[int]) -> None:
+        """The blocks the plan removes, told once before the loop (blocks after them move up)."""
 
 
 @dataclass
@@ -51,6 +57,9 @@ class InMemoryBlocks:
     def done(self, layer: int, block: nn.Module) -> None:
         pass
 
+    def remove(self, layers: list[int]) -> None:
+        pass  # deleted from the model once the loop is over (`pipeline.prune`), so indices hold until then
+
 
 @dataclass
 class Selection:
@@ -63,6 +72,11 @@ class Selection:
     table: ScoreTable | None = None
     fixed: list[BlockPlan] | None = None
     sequential: bool = True
+    depth: dict | None = None  # the blocks removed whole and why (depth.choice), or None
+
+    @property
+    def removed(self) -> frozenset[int]:
+        return frozenset(self.depth["removed"]) if self.depth else frozenset()
 
     def block_widths(self, layer: int) -> BlockWidths:
         return self.fixed[layer].widths if self.fixed is not None else self.widths[layer]
@@ -78,6 +92,7 @@ class LoopResult:
     scores: list[BlockScores] = field(default_factory=list)  # what each block was selected with (if scored)
     compensation: list[dict] = field(default_factory=list)
     inputs: BlockInputs | None = None
+    depth: dict | None = None  # the selection's depth choice (kept with a streamed run's state)
 
 
 class Checkpoint(Protocol):
@@ -98,10 +113,30 @@ def prune_blocks(
     compensation that needs none); then each block is only selected, compensated from the table's means
     and cut."""
     result = result or LoopResult()
+    result.depth = selection.depth
+    removed = selection.removed
+    source.remove(sorted(removed))
     mode = "sequential" if selection.sequential else "parallel"
     bar = tqdm(range(start, adapter.num_blocks), desc=f"pruning ({mode})", disable=not progress, unit="block",
                leave=False, initial=start, total=adapter.num_blocks)
     for layer in bar:
+        if layer in removed:
+            # Sequential: the block is skipped, its inputs go on unchanged, as in the pruned model. Parallel:
+            # the activations stay the dense model's, so the block still runs (and is then dropped).
+            dense = inputs is not None and not selection.sequential
+            if dense or (inputs is not None and compensator.reads_removed_blocks):
+                block = source.load(layer)
+                if compensator.reads_removed_blocks:
+                    compensator.skip_block(adapter, block, layer, inputs)
+                if dense:
+                    inputs = run_block(block, inputs, layer=layer)
+                source.done(layer, block)
+            result.plans.append(BlockPlan.remove(layer))
+            result.compensation.append({"block": "removed"})
+            result.inputs = inputs
+            if checkpoint is not None:
+                checkpoint.save(layer, result, compensator)
+            continue
         block = source.load(layer)
         parts = adapter.parts(block)
         geometry = BlockGeometry(layer, adapter.head_dim, adapter.widths(block))

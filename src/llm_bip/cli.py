@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llm_bip import api
 from llm_bip.allocation import ALLOCATIONS
@@ -38,14 +39,20 @@ from llm_bip.saving import read_record, update_record
 from llm_bip.score_table import ScoreTable, is_scores_file
 from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS
 
+if TYPE_CHECKING:
+    from llm_bip.recovery import DistillConfig
+
 log = logging.getLogger("llm_bip")
 DEFAULTS = PruneConfig()
 
 # PruneConfig fields that decide which structures go (a saved plan has decided them already), and the
 # ones that say how the cut is repaired (they apply on top of a plan too).
 STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
-                    "head_ratio", "lipschitz", "selection")
+                    "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks")
 REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target", "refit_intercept")
+# What only width pruning uses: with blocks to remove and no --ratio, nothing inside the other blocks is cut.
+WIDTH_FIELDS = ("method", "lipschitz", "ratio_of", "allocation", "gqa_mode", "round_to", "head_ratio", "selection",
+                "compensation", "refit_target", "refit_intercept")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -129,6 +136,11 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-ratio", type=_head_ratio,
                    help="uniform: fraction of head units to remove (default 0: FFN channels first, heads only when "
                         "channels run out); 'same' removes the same fraction as of channels")
+    g.add_argument("--depth-ratio", type=float,
+                   help="remove this fraction of the blocks whole, lowest block score first (rounded half up); "
+                        "--ratio, if given, is the total and counts them, widths take the rest; without --ratio "
+                        "only blocks go")
+    g.add_argument("--remove-blocks", type=_positive, help="remove this many blocks whole (as --depth-ratio)")
 
 
 def _add_repair(p: argparse.ArgumentParser) -> None:
@@ -151,6 +163,14 @@ def _config(args) -> PruneConfig:
     changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if changes.get("head_ratio") == "same":
         changes["head_ratio"] = None
+    depth = _explicit(args, ("depth_ratio", "remove_blocks"))
+    if depth and args.ratio is None and not getattr(args, "plan", None):
+        changes["ratio"] = None  # only whole blocks go
+        given = _explicit(args, WIDTH_FIELDS)
+        if given:
+            raise LlmBipError(f"{', '.join(given)} cannot apply: {' and '.join(depth)} without --ratio removes whole "
+                              "blocks only, and nothing inside the other blocks is cut; give --ratio (the total "
+                              "fraction, the removed blocks included) to prune widths too")
     return dataclasses.replace(DEFAULTS, **changes).validate()
 
 
@@ -180,6 +200,8 @@ def cmd_score(args) -> None:
     table = api.score(lm, samples, config.method, info, args.batch_size, args.dtype, not args.quiet,
                       lipschitz=config.lipschitz, seed=config.seed)
     table.save(out)
+    print("block scores (relative change of the residual stream when the block is skipped): "
+          + ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(table.block_scores())))
     print(f"scored {len(table.scores)} blocks with {table.method} in {table.seconds:.1f}s -> {out}")
 
 
@@ -219,6 +241,8 @@ def cmd_prune(args) -> None:
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
     lm = _load(args, args.model)
+    if plan is None:
+        api.check_config(lm, config)
     config.validate_for(lm.adapter.num_blocks)
     api.check_seq_len(lm, args.seq_len)
     for seq_len in args.eval_seq_len if eval_sources else ():
@@ -298,10 +322,35 @@ def cmd_eval(args) -> None:
         write_text_atomic(report_path, json.dumps(report, indent=1, default=str))
 
 
+def _recover_flags(args) -> tuple[str, DistillConfig | None]:
+    """The trainer and the DistillConfig (or None) the recover flags ask for; flags that cannot apply are errors."""
+    from llm_bip.recovery import DistillConfig
+
+    distill_flags = {"--distill-alpha": args.distill_alpha, "--distill-temperature": args.distill_temperature,
+                     "--teacher-cache": args.teacher_cache, "--teacher-top-k": args.teacher_top_k}
+    given = [flag for flag, value in distill_flags.items() if value is not None]
+    if args.teacher is None and given:
+        raise LlmBipError(f"{', '.join(given)} cannot apply without --teacher: they configure distillation from the "
+                          "dense model")
+    if args.teacher_top_k is not None and args.teacher_cache is None:
+        raise LlmBipError("--teacher-top-k cannot apply without --teacher-cache: a teacher run on the fly gives its "
+                          "whole distribution")
+    lora_only = [flag for flag, value in {"--lora-r": args.lora_r}.items() if value is not None]
+    if args.full_finetune and lora_only:
+        raise LlmBipError(f"{', '.join(lora_only)} cannot apply with --full-finetune: it configures LoRA adapters, "
+                          "and full fine-tuning trains every weight")
+    distill = None
+    if args.teacher is not None:
+        values = {"alpha": args.distill_alpha, "temperature": args.distill_temperature, "top_k": args.teacher_top_k}
+        distill = DistillConfig(**{k: v for k, v in values.items() if v is not None})
+    return ("full" if args.full_finetune else "lora"), distill
+
+
 def cmd_recover(args) -> None:
     from llm_bip.outputs import check_output_dir
     from llm_bip.recovery import LoraRecoveryConfig
 
+    trainer, distill = _recover_flags(args)
     config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig()
     changes = {k: v for k, v in {
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
@@ -311,17 +360,25 @@ def cmd_recover(args) -> None:
         "progress_bar": not args.quiet,
     }.items() if v is not None}
     config = dataclasses.replace(config, **changes)
-    inputs = (args.model, args.data)
+    inputs = (args.model, args.data, args.teacher)
     out = check_output_dir(args.output, args.overwrite, inputs)
+    cache = Path(args.teacher_cache).expanduser().resolve() if args.teacher_cache else None
+    if cache is not None and (cache == out or out in cache.parents):
+        raise LlmBipError(f"--teacher-cache {cache} is inside the output {out}: keep it elsewhere (the output is "
+                          "replaced as a whole)")
     report_path = _check_report(args, inputs)
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
+    # The teacher's tokenizer and config are read now (a wrong teacher fails before the long work); its
+    # weights only when the run needs its outputs.
+    teacher = api.load_teacher(args.teacher, args.dtype, args.device) if args.teacher else None
     lm = api.load(args.model, device=args.device)
     before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                           progress=not args.quiet) if eval_sources else {}
     _print_ppl("before", before)
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.checkpoints"
     try:
-        report = api.recover(lm, args.data, config, checkpoints, resume=args.resume, dtype=args.dtype)
+        report = api.recover(lm, args.data, config, checkpoints, resume=args.resume, dtype=args.dtype, trainer=trainer,
+                             teacher=teacher, distill=distill, teacher_cache=args.teacher_cache)
     except KeyboardInterrupt:
         print(f"llm-bip: interrupted; checkpoint saved in {checkpoints}: rerun with --resume", file=sys.stderr)
         raise SystemExit(130) from None
@@ -332,10 +389,14 @@ def cmd_recover(args) -> None:
     full = dict(record or {"format": RECORD_FORMAT})
     full["recovery"] = report
     full["recovery_perplexity"] = {"before": before, "after": after}
+    full["recovery_command"] = args.command_line
     api.save(lm, out, record=full, overwrite=args.overwrite, inputs=inputs)
     if report_path:
         write_text_atomic(report_path, json.dumps(full, indent=1, default=str))
-    print(f"recovered with LoRA for {report.get('steps')} steps; saved to {out}")
+    how = "LoRA" if trainer == "lora" else "full fine-tuning"
+    if distill is not None:
+        how += f" ({distill.kind}, alpha {distill.alpha}, T {distill.temperature}, from {args.teacher})"
+    print(f"recovered with {how} for {report.get('steps')} steps; saved to {out}")
 
 
 def cmd_info(args) -> None:
@@ -411,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report of llm-bip")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("recover", help="LoRA fine-tuning of a pruned model (LLM-Pruner's recipe), merged and saved")
+    p = sub.add_parser("recover", help="LoRA (LLM-Pruner's recipe, merged) or full fine-tuning of a pruned model, "
+                                       "on the LM loss or by distillation from the dense model; saved")
     p.add_argument("--model", required=True, help="the pruned model directory")
     p.add_argument("--data", default="yahma/alpaca-cleaned",
                    help="hub dataset name, or a local Alpaca-style JSON/JSONL (instruction/input/output) or text file")
@@ -432,6 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=_positive)
     p.add_argument("--seed", type=int)
     p.add_argument("--lora-config", help="a LoraRecoveryConfig JSON file")
+    p.add_argument("--full-finetune", action="store_true",
+                   help="train every weight (AdamW; float32 master weights where the weights are bf16/fp16) instead "
+                        "of LoRA adapters; LoRA options cannot apply")
+    g = p.add_argument_group("distillation (needs --teacher)")
+    g.add_argument("--teacher", help="the dense model (hub id, model directory or .gguf; same tokenizer): train on "
+                                     "KL(teacher || student) of next-token distributions instead of the LM loss")
+    g.add_argument("--distill-alpha", type=float,
+                   help="weight of the KL term; the LM loss gets 1 - alpha (default 1: pure distillation)")
+    g.add_argument("--distill-temperature", type=float,
+                   help="softmax temperature of both distributions (default 1; the KL term is scaled by T^2)")
+    g.add_argument("--teacher-cache",
+                   help="directory for the teacher's top-k log-probabilities (filled on first use): later runs and "
+                        "resumes read it instead of running the teacher; sparse KL over the top k plus the rest")
+    g.add_argument("--teacher-top-k", type=_positive, help="tokens per position in --teacher-cache (default 64)")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     p.add_argument("--eval", nargs="*", default=[], help="perplexity texts before and after (default: none)")

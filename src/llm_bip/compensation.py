@@ -39,6 +39,8 @@ class Compensator:
     """No compensation. Subclasses override what they need."""
 
     name = "none"
+    # Whether it must see the blocks the plan removes (the dense stream of two-stream refit goes through them).
+    reads_removed_blocks = False
 
     def stats_request(self, geometry: BlockGeometry, target: BlockWidths, tokens: int) -> StatsRequest:
         """The statistics it needs to repair a block of `geometry` cut to `target` from `tokens` tokens."""
@@ -58,6 +60,9 @@ class Compensator:
 
     def finish_block(self) -> None:
         """Called once the block is cut and its outputs are the next block's inputs."""
+
+    def skip_block(self, adapter: FamilyAdapter, block: nn.Module, layer: int, inputs: BlockInputs) -> None:
+        """Called (if `reads_removed_blocks`) with a block the plan removes; `inputs` pass it unchanged."""
 
     def compensate(self, adapter: FamilyAdapter, block: nn.Module, plan: BlockPlan, stats: BlockStats,
                    inputs: BlockInputs) -> dict:

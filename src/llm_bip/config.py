@@ -6,6 +6,7 @@ happens in `validate` (plus `validate_for` against a model's depth).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from llm_bip.adapters import FamilyAdapter
@@ -27,7 +28,10 @@ class PruneConfig:
     """Everything that decides the pruned model, recorded in its pruning record."""
 
     method: str = "llm-bip"
-    ratio: float = 0.2
+    # The total fraction of parameters to remove (of `ratio_of`), whole blocks included: the blocks that
+    # depth pruning removes count towards it, and the rest is taken by width from the remaining blocks.
+    # None: no width pruning, only the blocks `depth_ratio` / `remove_blocks` name.
+    ratio: float | None = 0.2
     ratio_of: str = "non-embedding"
     allocation: str = "uniform"
     gqa_mode: str = "kv-groups"
@@ -50,11 +54,24 @@ class PruneConfig:
     # The refit's output bias (intercept): "auto" fits one only where the family's stock config can hold it
     # (so a uniform prune saves in the stock format); "always" / "never".
     refit_intercept: str = "auto"
+    # Depth pruning (depth.py): remove this fraction of the model's blocks (rounded half up), or this many,
+    # lowest block score first, from the prunable layers.
+    depth_ratio: float = 0.0
+    remove_blocks: int = 0
     seed: int = 0
 
     def validate(self) -> PruneConfig:
-        if not isinstance(self.ratio, int | float) or not 0 <= self.ratio < 1:
+        if self.ratio is not None and (not isinstance(self.ratio, int | float) or not 0 <= self.ratio < 1):
             raise LlmBipError(f"ratio {self.ratio} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2")
+        if not isinstance(self.depth_ratio, int | float) or not 0 <= self.depth_ratio < 1:
+            raise LlmBipError(f"depth ratio {self.depth_ratio} is outside [0, 1): give the fraction of blocks to remove, "
+                              "e.g. 0.25")
+        if not isinstance(self.remove_blocks, int) or self.remove_blocks < 0:
+            raise LlmBipError(f"remove-blocks {self.remove_blocks}: give a number of blocks, e.g. 4")
+        if self.depth_ratio and self.remove_blocks:
+            raise LlmBipError("--depth-ratio and --remove-blocks both say how many blocks to remove: give one of them")
+        if self.ratio is None and not self.removes_blocks:
+            raise LlmBipError("nothing to prune: give a ratio, or blocks to remove (--depth-ratio / --remove-blocks)")
         if self.method not in SCORERS:
             raise LlmBipError(f"unknown method '{self.method}': choose from {', '.join(SCORERS)}")
         for value, allowed, what in (
@@ -90,7 +107,32 @@ class PruneConfig:
         if self.prunable_layers is not None and max(self.prunable_layers) >= num_blocks:
             raise LlmBipError(f"layers {_span(self.prunable_layers)} do not exist: the model has {num_blocks} blocks "
                               f"(0-{num_blocks}, end exclusive)")
+        n = self.blocks_to_remove(num_blocks)
+        if self.depth_ratio and not n:
+            raise LlmBipError(f"depth ratio {self.depth_ratio} of {num_blocks} blocks removes no block: give at least "
+                              f"{0.5 / num_blocks:.3g}, or --remove-blocks")
+        if n >= num_blocks:
+            raise LlmBipError(f"removing {n} of the model's {num_blocks} blocks leaves none: remove at most "
+                              f"{num_blocks - 1}")
+        candidates = self.depth_candidates(num_blocks)
+        if n > len(candidates):
+            raise LlmBipError(f"cannot remove {n} blocks from layers {_span(tuple(candidates))} ({len(candidates)} "
+                              "blocks): remove fewer or widen --layers")
         return self
+
+    @property
+    def removes_blocks(self) -> bool:
+        return bool(self.depth_ratio or self.remove_blocks)
+
+    def blocks_to_remove(self, num_blocks: int) -> int:
+        """How many whole blocks go: `remove_blocks`, or `depth_ratio` of the model's blocks rounded half up."""
+        if self.remove_blocks:
+            return self.remove_blocks
+        return math.floor(self.depth_ratio * num_blocks + 0.5)
+
+    def depth_candidates(self, num_blocks: int) -> list[int]:
+        """The blocks depth pruning may remove: the prunable layers."""
+        return sorted(self.prunable_layers) if self.prunable_layers is not None else list(range(num_blocks))
 
     def allocation_config(self) -> AllocationConfig:
         return AllocationConfig(

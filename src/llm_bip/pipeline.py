@@ -1,16 +1,23 @@
 """The pruning pipeline, one way through: calibrate → score → allocate → select → compensate → cut.
 
 `score` walks the blocks once and returns a `ScoreTable`; `plan` turns a table into a `PruningPlan`
-without the model; `prune` allocates widths and walks the blocks once more through the one block loop
-(`block_loop.prune_blocks`), which scores (sequentially: on the outputs of the already pruned blocks),
-selects, compensates and cuts each block in turn.
+without the model; `prune` chooses the blocks to remove whole (if any: `depth.py`), allocates widths
+over the rest and walks the blocks once more through the one block loop (`block_loop.prune_blocks`),
+which scores (sequentially: on the outputs of the already pruned blocks), selects, compensates and cuts
+each block in turn, skipping the removed ones; they are deleted from the model at the end.
+
+The ratio is the total fraction removed: the removed blocks' parameters count towards it, and width
+pruning takes the rest from the remaining prunable blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +28,7 @@ from llm_bip.allocation import allocate
 from llm_bip.block_loop import BlockSource, Checkpoint, InMemoryBlocks, LoopResult, Selection, prune_blocks
 from llm_bip.compensation import Compensator
 from llm_bip.config import PruneConfig
+from llm_bip.depth import choose_by_measuring, choose_from_scores
 from llm_bip.devices import free_memory_bytes, out_of_memory_is_an_error
 from llm_bip.errors import LlmBipError
 from llm_bip.fingerprint import fingerprint_of
@@ -55,13 +63,71 @@ def costs_of(loaded: LoadedModel) -> list[BlockCosts]:
     return [block_costs(loaded.adapter, b) for b in loaded.adapter.blocks(loaded.model)]
 
 
-def target_parameters(counts: dict, config: PruneConfig) -> int:
-    base = counts["total"] if config.ratio_of == "total" else counts["non_embedding"]
-    return round(config.ratio * base)
+def target_parameters(counts: dict, config: PruneConfig) -> int | None:
+    """Parameters to remove in all (None: only whole blocks, as many as they hold)."""
+    if config.ratio is None:
+        return None
+    return round(config.ratio * _ratio_base(counts, config))
 
 
-def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table: ScoreTable | None) -> list[BlockWidths]:
+def _ratio_base(counts: dict, config: PruneConfig) -> int:
+    return counts["total"] if config.ratio_of == "total" else counts["non_embedding"]
+
+
+def depth_parameters(costs: list[BlockCosts], removed: list[int]) -> int:
+    """Parameters of whole blocks (everything in them)."""
+    return sum(costs[layer].total(costs[layer].widths) for layer in removed)
+
+
+def width_target(costs: list[BlockCosts], removed: list[int], target: int | None, counts: dict,
+                 config: PruneConfig) -> int:
+    """What width pruning must remove once `removed` blocks are gone: the rest of the target (0 without a
+    ratio). Depth alone beyond the ratio is an error."""
+    if target is None:
+        return 0
+    depth = depth_parameters(costs, removed)
+    if depth > target:
+        base = _ratio_base(counts, config)
+        raise LlmBipError(
+            f"removing {len(removed)} block(s) takes {depth:,} parameters ({depth / base:.2%} of {config.ratio_of} "
+            f"parameters), more than --ratio {config.ratio} removes in all ({target:,}): the ratio counts the removed "
+            f"blocks too, so raise it to at least {math.ceil(depth / base * 1000) / 1000}, remove fewer blocks, or "
+            "leave --ratio out to remove only the blocks"
+        )
+    return target - depth
+
+
+def check_depth_fits(costs: list[BlockCosts], target: int | None, counts: dict, config: PruneConfig) -> None:
+    """Fail fast, before any pass: even the cheapest blocks that could be removed exceed the ratio."""
+    n = config.blocks_to_remove(len(costs))
+    if n:
+        candidates = config.depth_candidates(len(costs))
+        cheapest = sorted(candidates, key=lambda layer: depth_parameters(costs, [layer]))[:n]
+        width_target(costs, cheapest, target, counts, config)
+
+
+def check_depth(loaded: LoadedModel, config: PruneConfig) -> None:
+    """The depth checks that need the model's shapes (not its activations): the number of blocks to remove,
+    and whether even the cheapest of them fit the ratio."""
+    config.validate_for(loaded.adapter.num_blocks)
+    counts = count_parameters(loaded.model, loaded.adapter)
+    check_depth_fits(costs_of(loaded), target_parameters(counts, config), counts, config)
+
+
+def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table: ScoreTable | None,
+                removed: Sequence[int] = ()) -> list[BlockWidths]:
+    """Widths of every block that remove `target` parameters from the prunable blocks not in `removed`
+    (whose widths stay as they are)."""
     alloc = config.allocation_config()
+    if removed or target == 0:
+        if target == 0:
+            return _keep_all(costs)
+        layers = alloc.prunable_layers if alloc.prunable_layers is not None else range(len(costs))
+        remaining = tuple(i for i in layers if i not in removed)
+        if not remaining:
+            raise LlmBipError(f"no prunable block is left to take the other {target:,} parameters once blocks "
+                              f"{list(removed)} are removed: widen --layers, remove fewer blocks or lower --ratio")
+        alloc = dataclasses.replace(alloc, prunable_layers=remaining)
     if alloc.strategy != "uniform" and table is not None and not table.comparable_units:
         log.warning("%s scores are not in one unit for heads and channels; %s allocation compares them anyway",
                     table.method, alloc.strategy)
@@ -106,6 +172,21 @@ def activation_spill(loaded: LoadedModel, samples: torch.Tensor, directory: Path
     return DiskSpill(directory)
 
 
+def catch_inputs(loaded: LoadedModel, samples: torch.Tensor, batch_size: int,
+                 spill_dir: Path | None = None) -> BlockInputs:
+    """The calibration activations entering block 0 (a streamed model's embedding is read and freed again)."""
+    with out_of_memory_is_an_error(loaded.device, "catching the calibration activations"):
+        if loaded.streamed:
+            from llm_bip.streaming import input_side
+
+            input_side(loaded, present=True)
+        inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size,
+                                      activation_spill(loaded, samples, spill_dir))
+    if loaded.streamed:
+        input_side(loaded, present=False)
+    return inputs
+
+
 def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, selection: Selection,
          compensator: Compensator, source: BlockSource | None = None, progress: bool = True,
          checkpoint: Checkpoint | None = None, resume: Resume | None = None,
@@ -121,15 +202,7 @@ def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, sel
                 raise LlmBipError(f"{selection.scorer.name} needs a gradient pass over the whole model, which "
                                   "streaming cannot hold: use llm-bip, flap, wanda-sp, magnitude or random")
             selection.scorer.prepare(loaded, samples, batch_size)  # e.g. Taylor's gradient pass
-        with out_of_memory_is_an_error(loaded.device, "catching the calibration activations"):
-            if loaded.streamed:
-                from llm_bip.streaming import input_side
-
-                input_side(loaded, present=True)
-            inputs = capture_block_inputs(loaded.model, loaded.adapter, samples, batch_size,
-                                          activation_spill(loaded, samples, spill_dir))
-        if loaded.streamed:
-            input_side(loaded, present=False)
+        inputs = catch_inputs(loaded, samples, batch_size, spill_dir)
     start, result = 0, None
     if resume is not None:
         start, result = resume.start, resume.result
@@ -159,25 +232,37 @@ def score(
 
 
 def plan(table: ScoreTable, config: PruneConfig, embedding_parameters: int) -> PruningPlan:
-    """A plan from saved scores alone: allocate widths, then keep the best structures in each block."""
-    config.validate_for(len(table.costs))
+    """A plan from saved scores alone: remove the blocks of lowest block score (if asked), allocate widths
+    over the rest, then keep the best structures in each block."""
+    num_blocks = len(table.costs)
+    config.validate_for(num_blocks)
     counts = counts_from_costs(table.costs, embedding_parameters)
     target = target_parameters(counts, config)
-    widths = plan_widths(table.costs, target, config, table)
+    check_depth_fits(table.costs, target, counts, config)
+    depth_choice = None
+    if config.removes_blocks:
+        depth_choice = choose_from_scores(table.block_scores(), config.blocks_to_remove(num_blocks),
+                                          config.depth_candidates(num_blocks), "saved scores (dense activations)")
+    removed = depth_choice["removed"] if depth_choice else []
+    widths = plan_widths(table.costs, width_target(table.costs, removed, target, counts, config), config, table,
+                         removed)
     blocks = [
-        select(s.heads, s.groups, s.channels, w, config.gqa_mode, layer)
+        BlockPlan.remove(layer) if layer in removed else select(s.heads, s.groups, s.channels, w, config.gqa_mode, layer)
         for layer, (s, w) in enumerate(zip(table.scores, widths, strict=True))
     ]
-    meta = plan_meta(table.costs, widths, counts, target)
+    meta = plan_meta(table.costs, blocks, counts, target, depth_choice)
     meta.update(config=config.to_json(), method=table.method, scorer_options=table.options, calibration=table.calibration)
     return PruningPlan(blocks=blocks, meta=meta, fingerprint=table.fingerprint)
 
 
-def plan_meta(costs: list[BlockCosts], widths: list[BlockWidths], counts: dict, target: int | None) -> dict:
-    after_blocks = sum(c.total(w) for c, w in zip(costs, widths, strict=True))
+def plan_meta(costs: list[BlockCosts], blocks: list[BlockPlan], counts: dict, target: int | None,
+              depth_choice: dict | None = None) -> dict:
+    after_blocks = sum(0 if b.removed else c.total(b.widths) for c, b in zip(costs, blocks, strict=True))
     removed = counts["non_embedding"] - after_blocks
     return {
         "target_removed": target,
+        "removed_blocks": [b.layer for b in blocks if b.removed],
+        "depth": depth_choice,
         "removed": removed,
         "parameters_before": counts,
         "parameters_after": {
@@ -199,18 +284,37 @@ def check_scores_apply(scores: ScoreTable, config: PruneConfig) -> None:
                           "parallel to prune from the saved scores, or drop --scores")
 
 
+def choose_blocks(loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int,
+                  table: ScoreTable | None, progress: bool = True, spill_dir: Path | None = None) -> dict:
+    """The blocks to remove whole (depth.choice): from the table's block scores in parallel mode, else
+    measured on the calibration activations (sequentially one block at a time, or once on the dense model)."""
+    num_blocks = loaded.adapter.num_blocks
+    n, candidates = config.blocks_to_remove(num_blocks), config.depth_candidates(num_blocks)
+    if not config.sequential and table is not None:
+        return choose_from_scores(table.block_scores(), n, candidates, "saved scores (dense activations)")
+    if samples is None:
+        raise LlmBipError("removing blocks needs calibration samples to score them")
+    inputs = catch_inputs(loaded, samples, batch_size, spill_dir)
+    with out_of_memory_is_an_error(loaded.device, "scoring blocks"):
+        return choose_by_measuring(blocks_of(loaded), loaded.adapter, inputs, n, candidates, config.sequential,
+                                   progress)
+
+
 def prune(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int = 8,
     calibration: dict | None = None, scores: ScoreTable | None = None, progress: bool = True,
     fixed_plan: PruningPlan | None = None, source: BlockSource | None = None, checkpoint: Checkpoint | None = None,
     resume: Resume | None = None, spill_dir: Path | None = None,
 ) -> PruneResult:
-    """Score (unless `scores` are given), allocate, select, compensate and cut `loaded.model` in place.
+    """Score (unless `scores` are given), remove blocks, allocate, select, compensate and cut `loaded.model`
+    in place.
 
-    With `fixed_plan`, its selections are applied as they are (the structure-deciding fields of
-    `config` are not used); compensation and calibration mode still apply. With `scores` (parallel
-    mode), no scoring pass runs; with sequential calibration and an adaptive allocation they decide the
-    widths only, and every block is re-scored on the pruned model's activations."""
+    With `fixed_plan`, its selections (and removed blocks) are applied as they are (the structure-deciding
+    fields of `config` are not used); compensation and calibration mode still apply. With `scores`
+    (parallel mode), no scoring pass runs; with sequential calibration and an adaptive allocation they
+    decide the widths only, and every block is re-scored on the pruned model's activations (and blocks to
+    remove are chosen by measuring them sequentially). Without a ratio (`config.ratio` None) only whole
+    blocks go: nothing is cut inside the others, so nothing is compensated."""
     config.validate_for(loaded.adapter.num_blocks)
     model, adapter = loaded.model, loaded.adapter
     started = time.perf_counter()
@@ -219,30 +323,51 @@ def prune(
     costs = costs_of(loaded)
     counts = count_parameters(model, adapter)
     scorer = config.scorer()
+    compensator = config.compensator(loaded.adapter)
     if fixed_plan is not None:
         fixed_plan.check_model(fingerprint, "the plan")
         widths, target = [b.widths for b in fixed_plan.blocks], None
         if len(widths) != adapter.num_blocks:
             raise LlmBipError(f"the plan has {len(widths)} blocks but the model has {adapter.num_blocks}")
+        removed = fixed_plan.removed_layers
+        depth_choice = {"removed": removed, "mode": "saved plan"} if removed else None
         selection = Selection(gqa_mode=config.gqa_mode, widths=widths, fixed=fixed_plan.blocks,
-                              sequential=config.sequential)
+                              sequential=config.sequential, depth=depth_choice)
         how = "saved plan"
     else:
         target = target_parameters(counts, config)
+        check_depth_fits(costs, target, counts, config)  # before any pass
+        widths_too = config.ratio is not None
         if scores is not None:
             scores.check_fingerprint(fingerprint, "the scores file")
             check_scores_apply(scores, config)
             how = "saved scores" + (" (allocation only; blocks re-scored sequentially)" if config.sequential else "")
-        elif config.allocation != "uniform":
+        elif config.allocation != "uniform" and widths_too:
             scores = score(loaded, scorer, samples, batch_size, calibration, progress)  # adaptive needs every score first
             timings["score"] = scores.seconds
             how = f"{scorer.name} scores ({config.calibration_mode})"
         else:
             how = f"{scorer.name} scores ({config.calibration_mode})"
-        widths = plan_widths(costs, target, config, scores)  # fails fast, before any cutting
-        selection = Selection(gqa_mode=config.gqa_mode, widths=widths, scorer=scorer,
-                              table=None if config.sequential else scores, sequential=config.sequential)
-    compensator = config.compensator(loaded.adapter)
+        depth_choice = None
+        if config.removes_blocks:
+            if resume is not None and resume.result.depth:
+                depth_choice = resume.result.depth  # what the interrupted run chose
+            else:
+                begun = time.perf_counter()
+                depth_choice = choose_blocks(loaded, config, samples, batch_size, scores, progress, spill_dir)
+                timings["block_scores"] = time.perf_counter() - begun
+        removed = depth_choice["removed"] if depth_choice else []
+        widths = plan_widths(costs, width_target(costs, removed, target, counts, config), config, scores,
+                             removed)  # fails fast, before any cutting
+        if widths_too:
+            selection = Selection(gqa_mode=config.gqa_mode, widths=widths, scorer=scorer,
+                                  table=None if config.sequential else scores, sequential=config.sequential,
+                                  depth=depth_choice)
+        else:  # only whole blocks go: every other block is kept as it is
+            how = "whole blocks only"
+            selection = Selection(widths=widths, fixed=[BlockPlan.keep_all(i, w) for i, w in enumerate(widths)],
+                                  sequential=config.sequential, depth=depth_choice)
+            compensator = Compensator()
     start = time.perf_counter()
     if resume is not None:
         compensator.load_state(resume.compensator_state)
@@ -250,7 +375,8 @@ def prune(
     timings["prune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
     blocks: list[BlockPlan] = result.plans
-    meta = plan_meta(costs, [b.widths for b in blocks], counts, target)
+    adapter.remove_blocks(model, removed)  # after the loop: until then every block keeps its index
+    meta = plan_meta(costs, blocks, counts, target, depth_choice)
     meta.update(method=scorer.name if fixed_plan is None else None, scorer_options=scorer.options() if fixed_plan is None else None,
                 calibration=calibration or {})
     plan_ = PruningPlan(blocks=blocks, meta=dict(meta, config=config.to_json()), fingerprint=fingerprint)
@@ -259,7 +385,8 @@ def prune(
         **meta,
         "config": config.to_json() if fixed_plan is None else _applied_config(config),
         "selection": how,
-        "calibration_mode": config.calibration_mode if result.inputs is not None else "none (no forward pass needed)",
+        "calibration_mode": (config.calibration_mode if result.inputs is not None or "block_scores" in timings
+                             else "none (no forward pass needed)"),
         "compensation": {"method": compensator.name, "blocks": result.compensation},
         "source_fingerprint": fingerprint,
         "timings_seconds": timings,

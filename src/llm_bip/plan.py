@@ -1,8 +1,11 @@
-"""A pruning plan as data: which heads, KV groups and FFN channels each block keeps.
+"""A pruning plan as data: which heads, KV groups and FFN channels each block keeps, and which blocks go.
 
 Plans print, save to JSON, load and diff; `api.apply_plan` carries one out. Allocators decide *how
 many* of each structure a block keeps (`BlockWidths`); `select` decides *which*, from scores. A plan
-carries the fingerprint of the model it was made for, and applying it to another model is refused.
+has one `BlockPlan` per block of the model it was made for, by its layer index there; a removed block
+(depth pruning, `depth.py`) is marked `removed` and keeps nothing. A plan carries the fingerprint of
+the model it was made for, and applying it to another model is refused. Format /2 added `removed`;
+/1 plans (no block removed) still load.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from llm_bip.errors import LlmBipError
 from llm_bip.widths import BlockWidths
 
 GQA_MODES = ("kv-groups", "query-heads")
-PLAN_FORMAT = "llm-bip-plan/1"
+PLAN_FORMAT = "llm-bip-plan/2"
+READABLE_PLAN_FORMATS = ("llm-bip-plan/1", PLAN_FORMAT)  # /1: no `removed`
 
 
 @dataclass
@@ -26,6 +30,7 @@ class BlockPlan:
     keep_heads: list[int]  # query heads, sorted; grouped so that each kept KV group keeps the same count
     keep_kv_heads: list[int]
     keep_channels: list[int]
+    removed: bool = False  # the whole block goes (it then keeps nothing)
 
     @property
     def widths(self) -> BlockWidths:
@@ -35,6 +40,10 @@ class BlockPlan:
     def keep_all(cls, layer: int, widths: BlockWidths) -> BlockPlan:
         return cls(layer, list(range(widths.num_heads)), list(range(widths.num_kv_heads)), list(range(widths.channels)))
 
+    @classmethod
+    def remove(cls, layer: int) -> BlockPlan:
+        return cls(layer, [], [], [], removed=True)
+
 
 @dataclass
 class PruningPlan:
@@ -42,17 +51,24 @@ class PruningPlan:
     meta: dict = field(default_factory=dict)
     fingerprint: str = ""  # of the model the plan was made for
 
+    @property
+    def removed_layers(self) -> list[int]:
+        """Layers (of the model the plan was made for) whose whole block the plan removes."""
+        return [b.layer for b in self.blocks if b.removed]
+
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint, "meta": self.meta,
-                "blocks": [asdict(b) for b in self.blocks]}
+                "removed_layers": self.removed_layers, "blocks": [asdict(b) for b in self.blocks]}
 
     @classmethod
     def from_json(cls, data: dict, where: str = "plan") -> PruningPlan:
-        if data.get("format") != PLAN_FORMAT:
+        if data.get("format") not in READABLE_PLAN_FORMATS:
             raise LlmBipError(f"{where} is not an {PLAN_FORMAT} file (format {data.get('format')!r}; plans from "
                               "older versions carry no model fingerprint): make it again with `llm-bip plan`")
-        return cls(blocks=[BlockPlan(**b) for b in data["blocks"]], meta=data.get("meta", {}),
-                   fingerprint=data.get("fingerprint", ""))
+        blocks = [BlockPlan(**b) for b in data["blocks"]]
+        if any(b.removed and (b.keep_heads or b.keep_kv_heads or b.keep_channels) for b in blocks):
+            raise LlmBipError(f"{where} marks a block removed that keeps structures: make it again with `llm-bip plan`")
+        return cls(blocks=blocks, meta=data.get("meta", {}), fingerprint=data.get("fingerprint", ""))
 
     def save(self, path: str | Path) -> None:
         from llm_bip.outputs import write_text_atomic
@@ -76,7 +92,12 @@ class PruningPlan:
 
     def summary(self) -> str:
         rows = [f"{'layer':>5} {'heads':>5} {'kv':>3} {'channels':>8}"]
-        rows += [f"{b.layer:>5} {len(b.keep_heads):>5} {len(b.keep_kv_heads):>3} {len(b.keep_channels):>8}" for b in self.blocks]
+        rows += [f"{b.layer:>5} {'removed':>18}" if b.removed else
+                 f"{b.layer:>5} {len(b.keep_heads):>5} {len(b.keep_kv_heads):>3} {len(b.keep_channels):>8}"
+                 for b in self.blocks]
+        removed = self.removed_layers
+        if removed:
+            rows.append(f"removed blocks: {', '.join(map(str, removed))} ({len(removed)} of {len(self.blocks)})")
         return "\n".join(rows)
 
 

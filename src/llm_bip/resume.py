@@ -2,9 +2,10 @@
 
 The run writes into `.OUT.partial/` beside its output: the shards of the blocks it has finished, and
 after each block (atomically, in this order) the activations entering the next block and `run.json`,
-which names them, holds the plans and compensation records so far, and the run's key: the model's
-fingerprint, every option, and a checksum of the calibration samples. `--resume` continues only a run
-with the same key, so it ends with exactly what an uninterrupted run writes.
+which names them, holds the plans and compensation records so far, the blocks chosen for removal, and
+the run's key: the model's fingerprint, every option, and a checksum of the calibration samples.
+`--resume` continues only a run with the same key, so it ends with exactly what an uninterrupted run
+writes.
 """
 
 from __future__ import annotations
@@ -101,14 +102,15 @@ class PartialRun:
         tmp.replace(self.directory / name)
         previous = self.state.get("inputs")
         self.state.update(next_layer=layer + 1, inputs=name, plans=[asdict(p) for p in result.plans],
-                          compensation=result.compensation)
+                          compensation=result.compensation, depth=result.depth)
         self._write_state()
         if previous and previous != name:
             (self.directory / previous).unlink(missing_ok=True)
 
     def restore(self) -> Resume:
         """Where to start, the loop's result so far, and the activations entering the next block."""
-        result = LoopResult(plans=[BlockPlan(**p) for p in self.state["plans"]], compensation=self.state["compensation"])
+        result = LoopResult(plans=[BlockPlan(**p) for p in self.state["plans"]], compensation=self.state["compensation"],
+                            depth=self.state.get("depth"))
         hidden, state = None, {}
         if self.state.get("inputs"):
             tensors = load_file(str(self.directory / self.state["inputs"]))

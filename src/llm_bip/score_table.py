@@ -1,7 +1,9 @@
 """Scores of a whole model, saved once and re-planned to any ratio without running the model again.
 
 The file is safetensors (no pickle): one tensor per block and structure, and a JSON header with the
-model's fingerprint, the scorer and its options, the calibration, and each block's parameter costs.
+model's fingerprint, the scorer and its options, the calibration, each block's parameter costs and its
+block score (`depth.py`). Format /2 added the block scores; /1 files still load, and can re-plan widths
+but not remove blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from llm_bip.fingerprint import model_fingerprint
 from llm_bip.params import BlockCosts
 from llm_bip.scoring.base import BlockScores
 
-SCORES_FORMAT = "llm-bip-scores/1"
+SCORES_FORMAT = "llm-bip-scores/2"
+READABLE_FORMATS = ("llm-bip-scores/1", SCORES_FORMAT)  # /1: no block scores
 
 
 def is_scores_file(path: Path) -> bool:
@@ -52,7 +55,8 @@ class ScoreTable:
             "comparable_units": self.comparable_units,
             "seconds": self.seconds,
             "costs": [c.to_json() for c in self.costs],
-            "blocks": [{"output_norm": s.output_norm, "tokens": s.tokens, "lipschitz": s.lipschitz} for s in self.scores],
+            "blocks": [{"output_norm": s.output_norm, "tokens": s.tokens, "lipschitz": s.lipschitz,
+                        "block_score": s.block_score} for s in self.scores],
         }
         from llm_bip.outputs import write_atomic
 
@@ -69,7 +73,7 @@ class ScoreTable:
             tensors = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
             raise LlmBipError(f"{path} is not an llm-bip scores file ({type(exc).__name__}): run `llm-bip score` again") from None
-        if header.get("format") != SCORES_FORMAT:
+        if header.get("format") not in READABLE_FORMATS:
             raise LlmBipError(f"{path} is not an {SCORES_FORMAT} file (format {header.get('format')!r}): "
                               "run `llm-bip score` again")
         scores = [
@@ -85,6 +89,13 @@ class ScoreTable:
             method=header["method"], options=header["options"], calibration=header["calibration"],
             comparable_units=header["comparable_units"], seconds=header.get("seconds", 0.0),
         )
+
+    def block_scores(self) -> list[float]:
+        """Every block's score (depth.py); a table made before blocks were scored has none."""
+        if any(s.block_score is None for s in self.scores):
+            raise LlmBipError("the scores file has no block scores (it was made before llm-bip-scores/2): score the "
+                              "model again with `llm-bip score` to remove whole blocks")
+        return [float(s.block_score) for s in self.scores]
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, path: str = "scores") -> None:
         self.check_fingerprint(model_fingerprint(model, adapter), path)

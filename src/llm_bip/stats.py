@@ -4,7 +4,8 @@ Every scorer and compensator reads the same few sufficient statistics, so one pa
 the Gram matrix and mean of o_proj's input (per-head norms of the attention output, FLAP's
 variance, bias compensation, refit; scorers need only its KV-group diagonal blocks, a third of the
 work, so the full matrix is computed only when a refit of o_proj asks for it), per-channel sums and squares of down_proj's input (the exact FFN
-score), optionally down_proj's full Gram (refit), the block output energy, and a small token sample of
+score), optionally down_proj's full Gram (refit), the block output energy and how far the output is from
+the input (the block score of `depth.py`), and a small token sample of
 the FFN's residual input for the Lipschitz estimate.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.adapters import BlockParts
+from llm_bip.depth import skip_energies
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class BlockStats:
     ffn_sq: torch.Tensor | None = None  # [channels] sum of squares
     ffn_gram: torch.Tensor | None = None  # [channels, channels], only when requested
     output_sq: float = 0.0  # sum over tokens of ||block output||^2
+    skip_sq: float = 0.0  # sum over tokens of ||block output - block input||^2 (what skipping the block changes)
     residual_sample: torch.Tensor | None = None  # [S, hidden] FFN residual input h
     attn_in_sample: torch.Tensor | None = None  # [S, d_attn] o_proj inputs of the same tokens
     extra: dict = field(default_factory=dict)
@@ -126,9 +129,10 @@ def collect_block_stats(
         if request.ffn_gram:
             stats.ffn_gram = _accumulate_gram(stats.ffn_gram, a, 0)
 
-    def on_block_out(_m, _args, out):
-        y = (out[0] if isinstance(out, tuple) else out).float()
-        stats.output_sq += float((y * y).sum())
+    def on_block_out(_m, args, out):
+        skip, energy = skip_energies(args[0], out[0] if isinstance(out, tuple) else out)
+        stats.skip_sq += skip
+        stats.output_sq += energy
 
     handles = [
         parts.o_proj.register_forward_pre_hook(on_o_proj),

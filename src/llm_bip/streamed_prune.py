@@ -1,7 +1,8 @@
 """Pruning a model that never sits whole in memory, straight into its output directory, resumably.
 
 The block loop runs over `StreamedBlocks`, which write each pruned block into its own shard of the
-output as the loop finishes it; `PartialRun` records the loop's state after every block. At the end the
+output as the loop finishes it (under its index in the output: blocks removed whole are never written,
+and those after them move up); `PartialRun` records the loop's state after every block. At the end the
 embeddings, head, config, tokenizer and record are added and the directory is renamed into place. The
 disk space the output needs is checked before any long work.
 """
@@ -50,7 +51,7 @@ def check_disk_space(loaded: LoadedModel, config: PruneConfig, out: Path, save_d
     if plan is not None:
         kept = plan.meta.get("parameters_after", {}).get("total", counts["total"])
     else:
-        kept = counts["total"] - target_parameters(counts, config)
+        kept = counts["total"] - (target_parameters(counts, config) or 0)  # without a ratio: at most all of it
     itemsize = torch.finfo(save_dtype).bits // 8
     activations = 0
     if samples is not None:

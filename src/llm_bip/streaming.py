@@ -5,7 +5,9 @@ checkpoint onto the device, and once the loop has pruned it, writes it into its 
 frees it. Peak memory is the input embedding, one block, and the calibration activations. The output
 is a sharded safetensors checkpoint with its index (`ShardWriter`): shard 1 holds the input
 embedding, shard i + 2 block i, and the last the final norm, the LM head and any zero biases the stock
-config needs, so a resumed run only rewrites what it had not finished.
+config needs, so a resumed run only rewrites what it had not finished. A block that depth pruning
+removes is never written (its shard number stays unused); the blocks after it are written under their
+new index, as the in-memory path saves them.
 
 `streamed_perplexity` evaluates a model that does not fit in memory the same way: every window's
 activations go through one block at a time.
@@ -38,6 +40,14 @@ class StreamedBlocks:
     def __init__(self, loaded: LoadedModel, writer: ShardWriter | None = None) -> None:
         self.loaded, self.writer = loaded, writer
         self.dtype = loaded.dtype
+        self.removed: frozenset[int] = frozenset()
+
+    def remove(self, layers: list[int]) -> None:
+        self.removed = frozenset(layers)
+
+    def position(self, layer: int) -> int:
+        """The block's index in the output, once the removed blocks before it are gone."""
+        return layer - sum(1 for r in self.removed if r < layer)
 
     def load(self, layer: int) -> nn.Module:
         adapter, checkpoint = self.loaded.adapter, self.loaded.checkpoint
@@ -52,16 +62,18 @@ class StreamedBlocks:
         and the biases compensation gave it, so the layout and parameter counts are those of the output."""
         from llm_bip.surgery import cut_block
 
-        block = self.loaded.adapter.blocks(self.loaded.model)[layer]
+        if plan.removed:
+            return  # gone from the skeleton already (pipeline.prune deletes removed blocks at its end)
+        block = self.loaded.adapter.blocks(self.loaded.model)[self.position(layer)]
         cut_block(self.loaded.adapter, block, plan)
-        prefix = self.loaded.adapter.block_prefix(layer)
+        prefix = self.loaded.adapter.block_prefix(self.position(layer))
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear) and module.bias is None and f"{prefix}{name}.bias" in written:
                 module.bias = nn.Parameter(torch.empty(module.out_features, device="meta", dtype=module.weight.dtype))
 
     def done(self, layer: int, block: nn.Module) -> None:
-        if self.writer is not None:
-            prefix = self.loaded.adapter.block_prefix(layer)
+        if self.writer is not None and layer not in self.removed:
+            prefix = self.loaded.adapter.block_prefix(self.position(layer))
             self.writer.write(block_shard(layer), {prefix + k: v for k, v in block.state_dict().items()})
         block.to("meta")  # frees its memory; shapes stay (parameter counts still add up)
         release_freed_memory(self.loaded.device)

@@ -1,7 +1,8 @@
-"""Cutting: physically slice a block to the structures a plan keeps (through its adapter).
+"""Cutting: physically slice a block to the structures a plan keeps, and delete the blocks it removes
+(through the adapter).
 
-The result is a genuinely smaller dense model. `mask_plan` zeroes the same structures instead, the
-reference the tests compare the cut model against.
+The result is a genuinely smaller dense model. `mask_plan` zeroes the same structures instead (a
+removed block becomes the identity), the reference the tests compare the cut model against.
 """
 
 from __future__ import annotations
@@ -49,19 +50,31 @@ def check_plan_fits(adapter: FamilyAdapter, plan: PruningPlan) -> None:
 
 
 def apply_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan) -> nn.Module:
-    """Cut every block to its plan, in place (no compensation, no fingerprint check: see `api.apply_plan`)."""
+    """Cut every block to its plan and delete the removed blocks, in place (no compensation, no fingerprint
+    check: see `api.apply_plan`)."""
     check_plan_fits(adapter, plan)
     blocks = adapter.blocks(model)
     for block_plan in plan.blocks:
-        cut_block(adapter, blocks[block_plan.layer], block_plan)
+        if not block_plan.removed:
+            cut_block(adapter, blocks[block_plan.layer], block_plan)
+    adapter.remove_blocks(model, plan.removed_layers)
     return model
 
 
 @torch.no_grad()
 def mask_plan(model: nn.Module, adapter: FamilyAdapter, plan: PruningPlan) -> nn.Module:
-    """Zero the inputs of o_proj / down_proj that the plan removes (the dense reference of a cut)."""
+    """Zero the inputs of o_proj / down_proj that the plan removes, and every output of a removed block's
+    o_proj and down_proj, so it passes its input on (the dense reference of a cut)."""
     for block_plan in plan.blocks:
-        mask_block(adapter, adapter.blocks(model)[block_plan.layer], block_plan)
+        block = adapter.blocks(model)[block_plan.layer]
+        if block_plan.removed:
+            parts = adapter.parts(block)
+            for linear in (parts.o_proj, parts.down_proj):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+        else:
+            mask_block(adapter, block, block_plan)
     return model
 
 

@@ -10,6 +10,9 @@ matches the *dense model's* output of that block. Per block (sequential calibrat
    stream x_p to reach the dense one); zero the removed heads' columns, so the block computes as cut;
 3. run that block on the pruned inputs; refit down_proj's kept columns towards t = y_d - h_p.
 
+A block that depth pruning removes still runs on the dense stream (the pruned one skips it), so the
+next kept blocks are refit towards the dense model's outputs, removed blocks included.
+
 Cross terms are accumulated batch by batch in hooks, so no per-token activations are kept.
 """
 
@@ -51,6 +54,7 @@ class _PerBatch:
 
 class DenseTargetRefit(Compensator):
     name = "refit-dense"
+    reads_removed_blocks = True
 
     def __init__(self, attn_damping: float = 1.0, damping: float = 0.01) -> None:
         self.attn_damping, self.damping = attn_damping, damping
@@ -145,6 +149,10 @@ class DenseTargetRefit(Compensator):
 
     def finish_block(self) -> None:
         self.dense, self.h_dense, self.y_dense = self.y_dense, [], []
+
+    def skip_block(self, adapter, block, layer, inputs) -> None:
+        self.start_block(adapter, block, layer, inputs)  # the dense stream goes through the removed block
+        self.finish_block()
 
     @staticmethod
     def _write(adapter, linear: nn.Linear, kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:

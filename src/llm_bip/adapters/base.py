@@ -47,6 +47,11 @@ class FamilyAdapter:
     o_proj_name: str = "self_attn.o_proj"
     down_proj_name: str = "mlp.down_proj"
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # Config fields that hold one entry per layer where they are lists (removed blocks' entries go), and
+    # fields that count layers from the bottom (Qwen's `max_window_layers`: the first N layers use full
+    # attention; after a removal they count the kept layers among those N).
+    per_layer_fields: tuple[str, ...] = ("layer_types", "sliding_window")
+    layer_count_fields: tuple[str, ...] = ()
 
     def __init__(self, config) -> None:
         self.config = config
@@ -117,6 +122,47 @@ class FamilyAdapter:
         for name, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv)):
             if hasattr(attn, name):  # some versions keep these too; keep them truthful where they exist
                 setattr(attn, name, value)
+
+    # ------------------------------------------------------------------------------- depth pruning
+
+    def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        model.model.layers = blocks
+
+    def renumber_block(self, block: nn.Module, position: int) -> None:
+        """Tell a block its new position: the attention's `layer_idx` picks its KV-cache slot."""
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+
+    def remove_blocks(self, model: nn.Module, removed: list[int]) -> None:
+        """Delete these blocks (by their current index) from the model, renumber the rest, and make the
+        config say so: `num_hidden_layers`, every per-layer list (`layer_types`, ...) and the fields that
+        count layers (`layer_count_fields`). The adapter's config follows if it is another object."""
+        removed_set = set(removed)
+        if not removed_set:
+            return
+        num_blocks = len(self.blocks(model))
+        kept = [i for i in range(num_blocks) if i not in removed_set]
+        if not kept or not removed_set <= set(range(num_blocks)):
+            raise ValueError(f"cannot remove blocks {sorted(removed_set)} of {num_blocks}")
+        blocks = self.blocks(model)
+        self.set_blocks(model, nn.ModuleList([blocks[i] for i in kept]))
+        for position, block in enumerate(self.blocks(model)):
+            self.renumber_block(block, position)
+        configs = [model.config] + ([self.config] if self.config is not model.config else [])
+        for config in configs:
+            self.remove_from_config(config, kept, num_blocks)
+
+    def remove_from_config(self, config, kept: list[int], num_blocks: int) -> None:
+        for name in self.per_layer_fields:
+            value = getattr(config, name, None)
+            if isinstance(value, list | tuple) and len(value) == num_blocks:
+                setattr(config, name, type(value)(value[i] for i in kept))
+        for name in self.layer_count_fields:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                setattr(config, name, sum(1 for i in kept if i < value))
+        config.num_hidden_layers = len(kept)
 
     # ------------------------------------------------------------------------------------- biases
 

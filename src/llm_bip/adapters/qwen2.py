@@ -6,3 +6,4 @@ from llm_bip.adapters.base import FamilyAdapter
 class Qwen2Adapter(FamilyAdapter):
     model_types = ("qwen2",)
     family = "qwen2"
+    layer_count_fields = ("max_window_layers",)

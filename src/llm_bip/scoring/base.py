@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_bip.adapters import BlockParts
+from llm_bip.depth import block_score
 from llm_bip.stats import BlockStats, StatsRequest
 from llm_bip.widths import BlockWidths
 
@@ -58,6 +59,9 @@ class BlockScores:
     attn_mean: torch.Tensor  # mean o_proj input, kept for bias compensation at re-plan time
     ffn_mean: torch.Tensor  # mean down_proj input
     lipschitz: float = 0.0
+    # The whole block's score (depth.py): its relative change of the residual stream when skipped; None in
+    # score files made before blocks were scored.
+    block_score: float | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -102,6 +106,7 @@ class Scorer:
             attn_mean=stats.attn_mean.cpu(),
             ffn_mean=stats.ffn_mean.cpu(),
             lipschitz=lipschitz,
+            block_score=block_score(stats.skip_sq, stats.output_sq),
         )
 
 
