@@ -308,12 +308,22 @@ class RefitCompensation(Compensator):
         removed = torch.ones(w.shape[1], dtype=torch.bool, device=device)
         removed[kept] = False
         energy, plain = _energies(w, gram_sum, tokens, removed)
-        system = torch.empty(dim + with_intercept, dim + with_intercept, dtype=torch.float64, device=device)
+        # The kept rows of the Gram matrix are split into its kept and removed columns (float32) before the
+        # float64 system exists, so the Gram matrix, its kept part and the system are never alive together
+        # (for TinyLlama's down_proj that lowers the refit's peak from 329 MB to 263 MB).
+        kept_kept = torch.empty(dim, dim, dtype=gram_sum.dtype, device=gram_sum.device)
+        kept_removed = torch.empty(dim, int(removed.sum()), dtype=gram_sum.dtype, device=gram_sum.device)
+        kept_at, removed_at = kept.to(gram_sum.device), removed.to(gram_sum.device)
         for start in range(0, dim, _CHUNK):
-            rows = gram_sum[kept[start : start + _CHUNK]][:, kept]
-            system[start : start + len(rows), :dim] = rows.to(device, torch.float64).div_(tokens)  # E[x_S x_S^T]
-        kept_removed = gram_sum[:, removed][kept].to(device, torch.float64).div_(tokens)  # E[x_S x_R^T]
-        del gram_sum, rows  # its last reference: from here on only the system and rhs
+            rows = gram_sum[kept_at[start : start + _CHUNK]]
+            kept_kept[start : start + len(rows)] = rows[:, kept_at]
+            kept_removed[start : start + len(rows)] = rows[:, removed_at]
+        del gram_sum, rows  # its last reference
+        system = torch.empty(dim + with_intercept, dim + with_intercept, dtype=torch.float64, device=device)
+        system[:dim, :dim] = kept_kept
+        del kept_kept
+        system[:dim, :dim].div_(tokens)  # E[x_S x_S^T]
+        kept_removed = kept_removed.to(device, torch.float64).div_(tokens)  # E[x_S x_R^T]
         # rhs = E[x_S t^T] with t = W x = W_S x_S + W_R x_R, a chunk of outputs at a time
         rhs = torch.empty(out, dim + with_intercept, dtype=torch.float64, device=device).T  # column-major (LAPACK)
         for start in range(0, out, _CHUNK):
