@@ -38,7 +38,11 @@ FAMILIES = list(TINY_CONFIGS)
 
 def tiny_model(family: str, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[family]()
+    return tiny_from_config(TINY_CONFIGS[family](), f"tiny-{family}")
+
+
+def tiny_from_config(config, source: str) -> LoadedModel:
+    """A random model of `config` with random biases and norms (call torch.manual_seed first)."""
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -49,7 +53,7 @@ def tiny_model(family: str, seed: int = 0) -> LoadedModel:
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
     model.config.use_cache = False
-    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source=f"tiny-{family}")
+    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source=source)
 
 
 def tiny_samples(n: int = 6, length: int = 12, seed: int = 0) -> torch.Tensor:

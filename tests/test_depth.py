@@ -14,9 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import FAMILIES, TINY_CONFIGS, VOCAB, tiny_model, tiny_samples
+from conftest import FAMILIES, TINY_CONFIGS, VOCAB, tiny_from_config, tiny_model, tiny_samples
 from llm_bip import api
-from llm_bip.adapters import adapter_for
 from llm_bip.cli import main
 from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
@@ -44,17 +43,7 @@ def deep_config(family: str, layers: int = 4, **changes):
 def tiny(family: str, layers: int = 4, seed: int = 0, **changes) -> LoadedModel:
     """As conftest.tiny_model, at another depth."""
     torch.manual_seed(seed)
-    config = deep_config(family, layers, **changes)
-    config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.config.use_cache = False
-    return LoadedModel(model=model, tokenizer=None, adapter=adapter_for(model), source=f"tiny-{family}-{layers}")
+    return tiny_from_config(deep_config(family, layers, **changes), f"tiny-{family}-{layers}")
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from llm_bip.adapters import adapter_for
 from llm_bip.cli import main
 from llm_bip.errors import LlmBipError
 from llm_bip.loading import LoadedModel
-from llm_bip.recovery import DistillConfig, LoraRecoveryConfig, Teacher, recover
+from llm_bip.recovery import DistillConfig, Teacher, recover
 from llm_bip.recovery.distill import (
     distill_sums,
     kl_full_sum,
@@ -33,6 +33,7 @@ from llm_bip.recovery.distill import (
 )
 from llm_bip.recovery.loss import collate
 from llm_bip.recovery.objective import DistillObjective
+from test_recovery import small_config, write_instructions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,27 +75,6 @@ def _config(vocab_size: int) -> LlamaConfig:
         vocab_size=vocab_size,
         max_position_embeddings=256,
     )
-
-
-def write_instructions(path: Path, n: int = 40) -> Path:
-    records = [
-        {
-            "instruction": f"Name the colour number {i}.",
-            "input": "" if i % 3 else "briefly",
-            "output": f"Colour {i} is blue.",
-        }
-        for i in range(n)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
-    return path
-
-
-def small_config(**overrides) -> LoraRecoveryConfig:
-    values = dict(
-        batch_size=8, micro_batch_size=4, learning_rate=1e-2, warmup_steps=0, max_steps=6, progress_bar=False
-    )
-    values.update(overrides)
-    return LoraRecoveryConfig(**values)
 
 
 @pytest.fixture
