@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -136,15 +137,32 @@ def check_output_dir(path: str | Path, overwrite: bool, inputs: Iterable = (), w
 
 
 def files_not_ours(directory: Path) -> list[str]:
-    """Files in `directory` that no llm-bip manifest there lists (all of them if it has none)."""
+    """Files in `directory` that no llm-bip manifest there lists (all of them if it has none), and listed
+    files whose content no longer has the checksum the manifest holds for it (a model card someone edited)."""
     present = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     listed: set[str] = set()
+    checksums: dict[str, str] = {}
     for manifest in MANIFESTS:
         try:
-            listed |= set(json.loads((directory / manifest).read_text()).get("files", [])) | {manifest}
+            data = json.loads((directory / manifest).read_text())
+            listed |= set(data.get("files", [])) | {manifest}
+            checksums.update(data.get("checksums") or {})
         except (OSError, ValueError, AttributeError, TypeError):
             continue
-    return [name for name in present if name not in listed]
+    return [name for name in present if name not in listed
+            or (name in checksums and _sha256(directory / name) != checksums[name])]
+
+
+def sha256_of(data: bytes) -> str:
+    """A file's checksum as manifests hold it."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return sha256_of(path.read_bytes())
+    except OSError:
+        return ""
 
 
 def clean_debris(out: Path) -> list[Path]:

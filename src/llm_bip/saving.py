@@ -4,7 +4,8 @@ Uniform widths (every block the same, no biases the stock class cannot hold) sav
 config, so plain `AutoModelForCausalLM.from_pretrained` (and vLLM and friends) load them. Otherwise
 the config records per-block widths and the directory carries `modeling_llm_bip.py`, loadable with
 `trust_remote_code=True` from the directory alone, or without the flag once `llm_bip` is imported.
-Everything is written to a marked temporary sibling directory and renamed into place at the end
+Every saved directory carries a Hugging Face model card (`README.md`, `model_card.py`) made from the
+record. Everything is written to a marked temporary sibling directory and renamed into place at the end
 (`outputs.py`), so an interrupted save never leaves a half-written model where the output should be.
 """
 
@@ -21,6 +22,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from llm_bip import modeling_llm_bip
 from llm_bip.adapters import FamilyAdapter
+from llm_bip.model_card import CARD_FILE, refreshed_card, write_card, write_model_card
 from llm_bip.outputs import (
     PARTIAL_MARKER,
     RECORD_FILE,
@@ -97,10 +99,12 @@ def write_model_files(tmp: Path, config: PretrainedConfig, fmt: str, tokenizer: 
 
 
 def finish_record(tmp: Path, record: dict, fmt: str, layout: list[dict]) -> None:
-    """The pruning record, with the saved format and the list of files llm-bip wrote (what a later
-    `--overwrite` may replace)."""
+    """The model card and the pruning record, with the saved format and the list of files llm-bip wrote
+    (what a later `--overwrite` may replace)."""
     record["saved_format"] = fmt
     record["layer_widths"] = layout
+    # The card (and its plot) before the listing: they are ours, so `--overwrite` may replace them.
+    write_model_card(tmp, record)
     record["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
                              if p.is_file() and p.name != PARTIAL_MARKER) + [RECORD_FILE]
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))
@@ -109,11 +113,13 @@ def finish_record(tmp: Path, record: dict, fmt: str, layout: list[dict]) -> None
 def save_pruned(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, adapter: FamilyAdapter, out_dir: str | Path,
     record: dict | None = None, overwrite: bool = False, inputs: tuple = (), save_dtype: torch.dtype | None = None,
+    source: str | None = None,
 ) -> Path:
-    """Write model, tokenizer and pruning record to `out_dir` atomically; returns the directory.
+    """Write model, tokenizer, model card and pruning record to `out_dir` atomically; returns the directory.
 
     `record` is updated in place with the saved format, the layer widths, the saved parameter count and
-    the files written. `inputs` are paths the output must not replace (the run's model, plan, scores)."""
+    the files written. `inputs` are paths the output must not replace (the run's model, plan, scores).
+    `source` is the model as the user gave it (the card's `base_model`) where the record does not say."""
     out = check_output_dir(out_dir, overwrite, inputs)
     layout = block_layout(model, adapter)
     config, fmt, flags = saved_config(model.config, adapter, layout)
@@ -136,6 +142,8 @@ def save_pruned(
         config.architectures = architectures  # save_pretrained set them from the class it saved
         write_model_files(tmp, config, fmt, tokenizer)
         full_record = record if record is not None else {}
+        if source and not full_record.get("model"):
+            full_record["model"] = source
         full_record["parameters_after"] = count_parameters(model, adapter)  # on disk, zero biases included
         full_record["saved_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         finish_record(tmp, full_record, fmt, layout)
@@ -150,7 +158,10 @@ def update_record(model_dir: Path, updates: dict) -> None:
 
     record = read_record(model_dir) or {}
     record.update(updates)
+    card = refreshed_card(model_dir, record)  # the card shows what the record now holds (its checksum goes in)
     write_text_atomic(model_dir / RECORD_FILE, json.dumps(record, indent=1, default=str))
+    if card is not None:
+        write_card(model_dir / CARD_FILE, card)
 
 
 def read_record(model_dir: str | Path) -> dict | None:

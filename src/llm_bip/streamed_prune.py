@@ -110,6 +110,7 @@ def prune_streamed(
         blocks.replay(layer, block_plan, written)
     report = dict(record or {}, **result.report)
     report["streamed"] = True
+    report.setdefault("model", loaded.source)  # the model card's base_model, as the in-memory save records it
     finish_output(loaded, writer, partial, report, save_dtype)
     swap_into_place(partial.directory, out)
     log.info("saved %s (streamed, %s)", out, report["saved_format"])
@@ -118,8 +119,8 @@ def prune_streamed(
 
 def finish_output(loaded: LoadedModel, writer: ShardWriter, partial: PartialRun, record: dict,
                   save_dtype: torch.dtype) -> None:
-    """Head, index, config, tokenizer and record beside the block shards: the same files and tensors the
-    in-memory save writes."""
+    """Head, index, config, tokenizer, model card and record beside the block shards: the same files and
+    tensors the in-memory save writes."""
     adapter = loaded.adapter
     layout = block_layout(loaded.model, adapter)
     config, fmt, flags = saved_config(loaded.model.config, adapter, layout)
