@@ -6,7 +6,7 @@
     result = llm_bip.prune(lm, llm_bip.PruneConfig(ratio=0.2), samples, calibration=info)
     llm_bip.save(lm, "out/smollm2-20", record=result.report)
 
-Verbs: `load`, `calibrate`, `score`, `plan`, `prune`, `apply_plan`, `evaluate`, `save`, `recover`
+Verbs: `load`, `calibrate`, `score`, `plan`, `prune`, `apply_plan`, `evaluate`, `save`, `export_gguf`, `recover`
 (with `load_teacher` for distillation), `zero_shot`, `info`.
 """
 
@@ -37,6 +37,7 @@ from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import make_scorer
 
 if TYPE_CHECKING:  # recovery imports peft: loaded only when a recovery runs
+    from llm_bip.export_gguf import GGUFExport
     from llm_bip.recovery import DistillConfig, LoraRecoveryConfig, Teacher
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,17 @@ def save(loaded: LoadedModel, out_dir: str | Path, record: dict | None = None, o
     if loaded.streamed:
         raise LlmBipError("a streamed model is saved as it is pruned: use api.prune_to_disk")
     return save_pruned(loaded.model, loaded.tokenizer, loaded.adapter, out_dir, record, overwrite,
-                       inputs=(loaded.source, *inputs), save_dtype=save_dtype)
+                       inputs=(loaded.source, *inputs), save_dtype=save_dtype, source=loaded.source)
+
+
+def export_gguf(model_dir: str | Path, out_path: str | Path, tensor_type: str = "f16", overwrite: bool = False,
+                inputs: tuple = ()) -> GGUFExport:
+    """Write a saved model directory (stock or per-block widths) as a GGUF file for llama.cpp / Ollama,
+    atomically, tensor by tensor; `tensor_type` is f16, bf16, f32, q8_0 or q4_0. Raises LlmBipError for a
+    layout llama.cpp cannot run (README, "GGUF export")."""
+    from llm_bip.export_gguf import export_gguf as _export_gguf
+
+    return _export_gguf(model_dir, out_path, tensor_type, overwrite, inputs)
 
 
 def recover(loaded: LoadedModel, data: str | Path, config: LoraRecoveryConfig | None = None,
@@ -271,5 +282,5 @@ def info(loaded: LoadedModel) -> dict:
     }
 
 
-__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "info", "load", "load_teacher", "plan",
-           "prune", "prune_to_disk", "recover", "save", "score", "short_name", "zero_shot"]
+__all__ = ["DTYPES", "PruneConfig", "apply_plan", "calibrate", "evaluate", "export_gguf", "info", "load", "load_teacher",
+           "plan", "prune", "prune_to_disk", "recover", "save", "score", "short_name", "zero_shot"]

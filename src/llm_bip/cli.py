@@ -6,6 +6,7 @@
     llm-bip prune --plan plan.json --output out/smollm2-50
     llm-bip eval --model out/smollm2-20 --eval wikitext2 --seq-len 128 2048
     llm-bip info --model out/smollm2-20
+    llm-bip export --model out/smollm2-20 --gguf smollm2-20.gguf --type q8_0   # for llama.cpp / Ollama
 
 Every default of a pruning option is `PruneConfig`'s; an option that cannot apply to the command as
 given is an error, and every check that needs no model runs before the model loads.
@@ -31,6 +32,7 @@ from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_so
 from llm_bip.devices import DEVICE_CHOICES
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
+from llm_bip.export_gguf import TENSOR_TYPES as GGUF_TYPES
 from llm_bip.loading import DEFAULT_MODEL, WEIGHTS_DTYPES
 from llm_bip.outputs import check_output_file, is_json_with, write_text_atomic
 from llm_bip.pipeline import RECORD_FORMAT
@@ -238,6 +240,7 @@ def cmd_prune(args) -> None:
     inputs = (args.model, args.plan, args.scores, args.calibration)
     out = check_output_dir(args.output, args.overwrite, inputs)
     report_path = _check_report(args, inputs)
+    gguf_path = _check_gguf(args, inputs, out)
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
     lm = _load(args, args.model)
@@ -278,6 +281,39 @@ def cmd_prune(args) -> None:
     b, a = report["parameters_before"], report["parameters_after"]
     print(f"parameters {b['total']:,} -> {a['total']:,} (non-embedding {b['non_embedding']:,} -> {a['non_embedding']:,}, "
           f"-{1 - a['non_embedding'] / b['non_embedding']:.2%}); saved to {out}")
+    if gguf_path:
+        try:
+            _print_export(api.export_gguf(out, gguf_path, args.gguf_type or "f16", args.overwrite, inputs))
+        except LlmBipError as exc:
+            raise LlmBipError(f"the pruned model is saved in {out}, but not as GGUF: {exc}") from None
+
+
+def _check_gguf(args, inputs: tuple, out: Path) -> Path | None:
+    """prune --export-gguf: the GGUF path's checks, before any long work."""
+    from llm_bip.export_gguf import check_gguf_output
+
+    if not args.export_gguf:
+        if args.gguf_type:
+            raise LlmBipError("--gguf-type cannot apply without --export-gguf: it is the GGUF file's tensor type")
+        return None
+    path = Path(args.export_gguf).expanduser().resolve()
+    if path == out or out in path.parents:
+        raise LlmBipError(f"--export-gguf {path} is inside the output {out}: keep it beside the model directory "
+                          "(the directory is replaced as a whole, and llm-bip lists the files it holds)")
+    return check_gguf_output(path, args.overwrite, inputs)
+
+
+def _print_export(result) -> None:
+    types = ", ".join(f"{n} {t}" for t, n in sorted(result.tensor_types.items()))
+    layout = "per-layer widths" if result.per_layer else "uniform widths"
+    print(f"GGUF ({result.architecture}, {layout}; tensors: {types}; {result.size_bytes / 2**20:.1f} MiB) "
+          f"-> {result.path}")
+    if result.fallbacks:
+        print(f"  {len(result.fallbacks)} tensor(s) kept in F16: their rows are not whole {result.tensor_type} blocks")
+
+
+def cmd_export(args) -> None:
+    _print_export(api.export_gguf(args.model, args.gguf, args.type, args.overwrite))
 
 
 def _load(args, model, streaming=None):
@@ -453,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved weights (default: the weights' dtype in memory)")
     p.add_argument("--resume", action="store_true",
                    help="streamed runs: continue the interrupted run of this --output (same model, options and data)")
+    p.add_argument("--export-gguf", metavar="OUT.gguf",
+                   help="also write the saved model as a GGUF file for llama.cpp / Ollama (beside --output)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, help="tensor type of --export-gguf (default f16)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of one or more models")
@@ -517,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_recover)
 
+    p = sub.add_parser("export", help="write a saved model as a GGUF file for llama.cpp / Ollama")
+    p.add_argument("--model", required=True, help="a model directory saved by llm-bip (stock or per-block widths)")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
+    p.add_argument("--type", default="f16", choices=GGUF_TYPES,
+                   help="2-D weights: f16 (default), bf16, f32, q8_0 or q4_0 (norms and biases stay f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier GGUF file of llm-bip")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("info", help="widths and parameter counts of a model")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true")
@@ -535,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed its message (or --help)
         return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "gensim", "urllib3"):
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "gensim", "urllib3", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if getattr(args, "quiet", False):  # the libraries' own bars (loading and writing weights) too
         import transformers
