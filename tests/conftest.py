@@ -89,6 +89,27 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+def save_tiny_llama(folder: Path, tokenizer) -> Path:
+    """A tiny random LLaMA (3 layers, GQA, tied embeddings) saved with SmolLM2's real tokenizer in `folder`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, wikitext_test):
+    """A calibration text and a disjoint evaluation text cut from WikiText-2."""
+    folder = tmp_path_factory.mktemp("texts")
+    lines = wikitext_test.read_text().splitlines()
+    (folder / "calib.txt").write_text("\n".join(lines[:300]))
+    (folder / "eval.txt").write_text("\n".join(lines[1000:1400]))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def wikitext_test() -> Path:
     if not WIKITEXT_TEST.is_file():

@@ -23,15 +23,6 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory, wikitext_test):
-    folder = tmp_path_factory.mktemp("texts")
-    lines = wikitext_test.read_text().splitlines()
-    (folder / "calib.txt").write_text("\n".join(lines[:300]))
-    (folder / "eval.txt").write_text("\n".join(lines[1000:1400]))
-    return folder
-
-
 def test_prune_saves_loadable_model_and_report(tiny_dir, texts, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dir), "--ratio", "0.3", "--allocation", "block-adaptive",

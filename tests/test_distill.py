@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from llm_bip import api
 from llm_bip.adapters import adapter_for
@@ -33,6 +33,8 @@ from llm_bip.recovery.distill import (
 )
 from llm_bip.recovery.loss import collate
 from llm_bip.recovery.objective import DistillObjective
+from test_recovery import pruned_like_config as _config
+from test_recovery import pruned_like_model as student_model
 from test_recovery import small_config, write_instructions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,40 +43,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------------------------------- models, data
 
 
-def student_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Layer 0 keeps 96 of 128 FFN channels, layer 1 keeps 2 of 4 query heads, as pruning leaves them."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(_config(vocab_size))
-    mlp = model.model.layers[0].mlp
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
-        nn.Linear(64, 96, False),
-        nn.Linear(64, 96, False),
-        nn.Linear(96, 64, False),
-    )
-    attn = model.model.layers[1].self_attn
-    attn.q_proj, attn.o_proj = nn.Linear(64, 32, False), nn.Linear(32, 64, False)
-    attn.num_key_value_groups = 1
-    return model.to(dtype)
-
-
 def teacher_model(vocab_size: int, seed: int = 5) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config(vocab_size))
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # peaked distributions: something to distil
     return model.eval()
-
-
-def _config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
-    )
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import tiny_model, tiny_samples
+from conftest import save_tiny_llama, tiny_model, tiny_samples
 from llm_bip import api
 from llm_bip.cli import main
 from llm_bip.config import PruneConfig
@@ -27,13 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     """A tiny LLaMA saved with a real tokenizer, beside an unrelated file of the user's."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-                         num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("models") / "dense"
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("models") / "dense", tokenizer)
     (path / "my-notes.txt").write_text("the user's own file")
     return path
 

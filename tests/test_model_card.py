@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model, tiny_samples
+from conftest import save_tiny_llama, tiny_model, tiny_samples
 from llm_bip import api
 from llm_bip.cli import main
 from llm_bip.config import PruneConfig
@@ -25,23 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-                         num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("models") / "dense"
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory, wikitext_test):
-    folder = tmp_path_factory.mktemp("texts")
-    lines = wikitext_test.read_text().splitlines()
-    (folder / "calib.txt").write_text("\n".join(lines[:300]))
-    (folder / "eval.txt").write_text("\n".join(lines[1000:1400]))
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "dense", tokenizer)
 
 
 def _prune(dense_dir, texts, out, *extra, evaluate=True) -> int:

@@ -23,19 +23,16 @@ from llm_bip.recovery.lora import build_lora_config, with_targets
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def pruned_like_config(vocab_size: int) -> LlamaConfig:
+    """The dense shape the pruned-like model comes from (hidden 64, FFN 128, 4 query / 2 KV heads, 2 layers)."""
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256)
+
+
 def pruned_like_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """Layer 0 keeps 96 of 128 FFN channels, layer 1 keeps 2 of 4 query heads: widths the config doesn't know."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(pruned_like_config(vocab_size))
     mlp = model.model.layers[0].mlp
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
         nn.Linear(64, 96, False),
