@@ -130,6 +130,18 @@ def load_checkpoint(checkpoint_dir: Path) -> LoadedCheckpoint:
     )
 
 
+def restore_tensors(saved: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], kind: str, mismatch: str) -> None:
+    """Copy a checkpoint's tensors into the trainer's (`kind`: what one is called in a message), refusing a
+    checkpoint whose names (`mismatch` says so) or shapes differ: one check for both trainers."""
+    if set(saved) != set(targets):
+        raise LlmBipError(f"cannot resume: {mismatch}")
+    with torch.no_grad():
+        for name, target in targets.items():
+            if saved[name].shape != target.shape:
+                raise LlmBipError(f"cannot resume: {kind} {name} has shape {tuple(saved[name].shape)} in the checkpoint")
+            target.copy_(saved[name])
+
+
 def capture_rng() -> dict[str, Any]:
     """Every random generator's state, taken at an optimizer-step boundary."""
     rng: dict[str, Any] = {

@@ -17,7 +17,7 @@ import json
 import torch
 from transformers import PreTrainedModel
 
-from llm_bip.errors import LlmBipError
+from llm_bip.recovery.checkpoint import restore_tensors
 
 
 class FullTrainer:
@@ -73,15 +73,7 @@ class FullTrainer:
                 p.copy_(master)
 
     def load(self, saved: dict[str, torch.Tensor]) -> None:
-        if set(saved) != set(self.trainable):
-            raise LlmBipError("cannot resume: the checkpoint's weights do not match this model's parameters")
-        with torch.no_grad():
-            for name, master in self.trainable.items():
-                if saved[name].shape != master.shape:
-                    raise LlmBipError(
-                        f"cannot resume: weight {name} has shape {tuple(saved[name].shape)} in the checkpoint"
-                    )
-                master.copy_(saved[name])
+        restore_tensors(saved, self.trainable, "weight", "the checkpoint's weights do not match this model's parameters")
         self.after_step()
 
     def finish(self) -> PreTrainedModel:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_bip.errors import LlmBipError
+from llm_bip.recovery.checkpoint import restore_tensors
 from llm_bip.recovery.config import LoraRecoveryConfig
 
 # Re-exported: the schedule lived here before the trainers were split out (`llm_bip.recovery.lora` imports).
@@ -55,17 +56,8 @@ class LoraTrainer:
         """The optimizer updated the adapters in place."""
 
     def load(self, saved: dict[str, torch.Tensor]) -> None:
-        if set(saved) != set(self.trainable):
-            raise LlmBipError(
-                "cannot resume: the checkpoint's adapter weights do not match this model's LoRA layers"
-            )
-        with torch.no_grad():
-            for name, param in self.trainable.items():
-                if saved[name].shape != param.shape:
-                    raise LlmBipError(
-                        f"cannot resume: adapter {name} has shape {tuple(saved[name].shape)} in the checkpoint"
-                    )
-                param.copy_(saved[name])
+        restore_tensors(saved, self.trainable, "adapter",
+                        "the checkpoint's adapter weights do not match this model's LoRA layers")
 
     def finish(self) -> PreTrainedModel:
         """The model with the adapters merged into its weights: same class, same shapes, no PEFT modules."""
