@@ -6,7 +6,7 @@
     result = llm_bip.prune(lm, llm_bip.PruneConfig(ratio=0.2), samples, calibration=info)
     llm_bip.save(lm, "out/smollm2-20", record=result.report)
 
-Verbs: `load`, `calibrate`, `score`, `plan`, `prune`, `apply_plan`, `evaluate`, `save`, `export_gguf`, `recover`
+Verbs: `load`, `calibrate`, `score`, `plan`, `plan_for_speed`, `prune`, `apply_plan`, `evaluate`, `save`, `export_gguf`, `recover`
 (with `load_teacher` for distillation), `zero_shot`, `info`.
 """
 
@@ -39,6 +39,7 @@ from llm_bip.scoring import make_scorer
 if TYPE_CHECKING:  # recovery imports peft: loaded only when a recovery runs
     from llm_bip.export_gguf import GGUFExport
     from llm_bip.recovery import DistillConfig, LoraRecoveryConfig, Teacher
+    from llm_bip.speed.planner import SpeedTarget
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,31 @@ def check_config(loaded: LoadedModel, config: PruneConfig) -> None:
     """The checks of a prune's options that need the model's shapes but no pass over it (e.g. blocks to
     remove that leave none, or that take more than the ratio): fail before calibration and evaluation."""
     check_depth(loaded, config)
+
+
+def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, timing_table: str | Path | None = None,
+                   progress: bool = True) -> tuple[PruneConfig, dict]:
+    """`config` with the amounts (ratio and whole blocks) that meet a speed target on `loaded`'s device by
+    its timing table (measured once per device and model shape, cached), and what the record says about it."""
+    from llm_bip.pipeline import costs_of
+    from llm_bip.speed.planner import plan_speed
+    from llm_bip.speed.timing import timing_table as device_timing
+
+    costs = costs_of(loaded)
+    full = max((c.widths for c in costs), key=lambda w: (w.num_heads, w.channels))
+    table = device_timing(loaded.model.config, loaded.adapter.family, full, loaded.adapter.head_dim, loaded.dtype,
+                          loaded.device, target.mode, target.batch, target.seq_len, timing_table, progress)
+    speed = plan_speed(costs, count_parameters(loaded.model, loaded.adapter), config, table, target)
+    planned = speed.config(config)
+    record = {"target": target.speedup, "mode": target.mode, "batch": target.batch, "seq_len": target.seq_len,
+              "route": target.route, "depth_share": target.depth_share if target.route == "mixed" else None,
+              "ratio": speed.ratio, "remove_blocks": speed.remove_blocks,
+              "predicted_speedup": speed.predicted_speedup, "dense_ms": speed.dense_ms, "pruned_ms": speed.pruned_ms,
+              "device": table.key.device, "timing_table": table.to_json()}
+    log.info("speed target %.2fx %s (batch %d) by %s: ratio %s, %d whole block(s); predicted %.3fx (%.2f -> %.2f ms)",
+             target.speedup, target.mode, target.batch, target.route, speed.ratio, speed.remove_blocks,
+             speed.predicted_speedup, speed.dense_ms, speed.pruned_ms)
+    return planned, record
 
 
 def prune(

@@ -159,6 +159,50 @@ def _add_repair(p: argparse.ArgumentParser) -> None:
                         f"('refit-aware'); default {DEFAULTS.selection}")
 
 
+def _add_speed_target(p: argparse.ArgumentParser) -> None:
+    from llm_bip.speed.planner import ROUTES, SpeedTarget
+    from llm_bip.speed.timing import MODES
+
+    g = p.add_argument_group("speed target (instead of --ratio)")
+    g.add_argument("--target-speedup", type=float, metavar="X",
+                   help="prune until this device's timing predicts this speed-up over the dense model, e.g. 1.3 "
+                        "(the device times the model's block shapes once, cached)")
+    g.add_argument("--speed-mode", choices=MODES, help=f"what the speed-up is of (default {SpeedTarget.mode}): "
+                                                       "prefill tokens/s or decoding tokens/s")
+    g.add_argument("--speed-batch", type=_positive, help=f"sequences per pass (default {SpeedTarget.batch})")
+    g.add_argument("--speed-seq-len", type=_positive,
+                   help=f"prompt length / KV-cache length of the timing (default {SpeedTarget.seq_len})")
+    g.add_argument("--speed-route", choices=ROUTES,
+                   help=f"where the removal comes from (default {SpeedTarget.route}; see docs/results.md §9)")
+    g.add_argument("--depth-share", type=float,
+                   help=f"mixed route: share of the removed parameters taken as whole blocks (default "
+                        f"{SpeedTarget.depth_share})")
+    g.add_argument("--timing-table", help="read the timing table from this file (or time and write it there)")
+
+
+SPEED_FIELDS = ("speed_mode", "speed_batch", "speed_seq_len", "speed_route", "depth_share", "timing_table")
+
+
+def _speed_target(args):
+    """The speed target the user gave (None without --target-speedup); its options without it are errors."""
+    from llm_bip.speed.planner import SpeedTarget
+
+    given = [f for f in SPEED_FIELDS if getattr(args, f, None) is not None]
+    if getattr(args, "target_speedup", None) is None:
+        if given:
+            raise LlmBipError(f"{', '.join('--' + f.replace('_', '-') for f in given)} cannot apply without "
+                              "--target-speedup")
+        return None
+    taken = _explicit(args, ("ratio", "depth_ratio", "remove_blocks")) + (["--plan"] if args.plan else [])
+    if taken:
+        raise LlmBipError(f"--target-speedup decides how much to remove: leave out {', '.join(taken)}")
+    if args.depth_share is not None and (args.speed_route or SpeedTarget.route) != "mixed":
+        raise LlmBipError("--depth-share applies to --speed-route mixed only")
+    fields = {"speedup": args.target_speedup, "mode": args.speed_mode, "batch": args.speed_batch,
+              "seq_len": args.speed_seq_len, "route": args.speed_route, "depth_share": args.depth_share}
+    return SpeedTarget(**{k: v for k, v in fields.items() if v is not None}).validate()
+
+
 def _config(args) -> PruneConfig:
     """PruneConfig's defaults with what the user gave; validated once, here."""
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
@@ -226,6 +270,7 @@ def cmd_prune(args) -> None:
 
     started = time.perf_counter()
     config = _config(args)
+    speed_target = _speed_target(args)
     plan = PruningPlan.load(args.plan) if args.plan else None
     if plan is not None:
         given = _explicit(args, STRUCTURE_FIELDS)
@@ -244,6 +289,16 @@ def cmd_prune(args) -> None:
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
     lm = _load(args, args.model)
+    speed_record = None
+    if speed_target is not None:
+        config, speed_record = api.plan_for_speed(lm, config, speed_target, args.timing_table, not args.quiet)
+        print(f"speed target {speed_target.speedup}x ({speed_target.mode}, batch {speed_target.batch}) by "
+              f"{speed_target.route}: ratio {config.ratio}, {config.remove_blocks} whole block(s), predicted "
+              f"{speed_record['predicted_speedup']:.3f}x on {speed_record['device']}")
+        given = _explicit(args, WIDTH_FIELDS) if config.ratio is None else []
+        if given:
+            raise LlmBipError(f"{', '.join(given)} cannot apply: the speed target is met by removing whole blocks only "
+                              "(nothing inside the other blocks is cut); use --speed-route width or mixed")
     if plan is None:
         api.check_config(lm, config)
     config.validate_for(lm.adapter.num_blocks)
@@ -266,6 +321,8 @@ def cmd_prune(args) -> None:
         record["plan_file"] = str(Path(args.plan).resolve())
     if scores is not None:
         record["scores_file"] = str(Path(args.scores).resolve())
+    if speed_record is not None:
+        record["speed_target"] = speed_record
     result, out = api.prune_to_disk(lm, config, samples, out, info, scores, plan, args.batch_size, args.dtype,
                                     _save_dtype(args), args.resume, args.overwrite, progress, record, inputs)
     report = result.report
@@ -492,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-gguf", metavar="OUT.gguf",
                    help="also write the saved model as a GGUF file for llama.cpp / Ollama (beside --output)")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, help="tensor type of --export-gguf (default f16)")
+    _add_speed_target(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of one or more models")

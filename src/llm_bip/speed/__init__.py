@@ -1,0 +1,1 @@
+"""Speed as a target: the device's timing of block shapes (timing.py) and the planner (planner.py)."""

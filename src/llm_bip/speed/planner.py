@@ -1,0 +1,131 @@
+"""From a speed target to a prune: how much to take, and from where, so the device's timing says it is met.
+
+`--target-speedup 1.3` replaces `--ratio`: the planner predicts a plan's time from the device's timing
+table (timing.py) and searches for the smallest removal whose predicted speed-up meets the target, by
+one of three routes:
+
+- width: only heads and channels (the default allocation's widths at each ratio);
+- depth: only whole blocks, the fewest that meet the target;
+- mixed: `depth_share` of the removed parameters from whole blocks, the rest from widths.
+
+Which blocks and which channels go is still decided by the scores during the prune; the planner only
+decides how many. Removed blocks are predicted as the last prunable ones: every block of the supported
+models has the same shape, so which ones go does not change the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from llm_bip.config import PruneConfig
+from llm_bip.errors import LlmBipError
+from llm_bip.params import BlockCosts
+from llm_bip.pipeline import depth_parameters, plan_widths
+from llm_bip.speed.timing import MODES, TimingTable
+
+ROUTES = ("width", "depth", "mixed")
+RATIO_STEP = 1e-4  # ratios are searched to this step (rounded up, so the target stays met)
+
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    speedup: float
+    mode: str = "prefill"  # prefill or decode
+    batch: int = 1
+    seq_len: int = 128  # prompt length (prefill) or KV-cache length (decode) the timing uses
+    route: str = "depth"
+    depth_share: float = 0.5  # mixed: share of the removed parameters that whole blocks give
+
+    def validate(self) -> SpeedTarget:
+        if not isinstance(self.speedup, int | float) or not 1 < self.speedup < 100:
+            raise LlmBipError(f"target speed-up {self.speedup}: give a factor above 1, e.g. 1.3")
+        if self.mode not in MODES:
+            raise LlmBipError(f"unknown speed mode '{self.mode}': use one of {', '.join(MODES)}")
+        if self.route not in ROUTES:
+            raise LlmBipError(f"unknown speed route '{self.route}': use one of {', '.join(ROUTES)}")
+        if self.batch < 1 or self.seq_len < 1:
+            raise LlmBipError("the speed batch and length must be at least 1")
+        if not 0 < self.depth_share < 1:
+            raise LlmBipError(f"depth share {self.depth_share}: give a fraction in (0, 1) (mixed route)")
+        return self
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    ratio: float | None  # of `ratio_of` parameters, blocks included; None: blocks only
+    remove_blocks: int
+    predicted_speedup: float
+    dense_ms: float
+    pruned_ms: float
+
+    def config(self, config: PruneConfig) -> PruneConfig:
+        """`config` with the planned amounts in place of a ratio."""
+        return dataclasses.replace(config, ratio=self.ratio, remove_blocks=self.remove_blocks, depth_ratio=0.0).validate()
+
+
+def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table: TimingTable,
+               target: SpeedTarget) -> SpeedPlan:
+    """The smallest removal along `target.route` whose predicted speed-up meets `target.speedup`."""
+    target.validate()
+    base = counts["total"] if config.ratio_of == "total" else counts["non_embedding"]
+    candidates = config.depth_candidates(len(costs))
+    dense_ms = table.model_ms([c.widths for c in costs])
+
+    def predict(ratio: float | None, blocks: int) -> float | None:
+        """Predicted speed-up of `blocks` whole blocks plus widths for the rest of `ratio` (None: impossible)."""
+        removed = candidates[len(candidates) - blocks:] if blocks else []
+        kept = [i for i in range(len(costs)) if i not in removed]
+        if ratio is None:
+            widths = [c.widths for c in costs]
+        else:
+            rest = round(ratio * base) - depth_parameters(costs, removed)
+            if rest < 0:
+                return None
+            try:
+                widths = plan_widths(costs, rest, config, None, removed)
+            except LlmBipError:
+                return None
+        return dense_ms / table.model_ms([widths[i] for i in kept])
+
+    if target.route == "depth":
+        for blocks in range(1, len(candidates)):
+            speedup = predict(None, blocks)
+            if speedup is not None and speedup >= target.speedup:
+                return SpeedPlan(None, blocks, speedup, dense_ms, dense_ms / speedup)
+        _unreachable(target, predict(None, len(candidates) - 1), f"removing {len(candidates) - 1} blocks")
+
+    def blocks_for(ratio: float) -> int:
+        if target.route == "width":
+            return 0
+        per_block = depth_parameters(costs, candidates[-1:])
+        return min(len(candidates) - 1, math.floor(target.depth_share * ratio * base / per_block + 0.5))
+
+    def meets(ratio: float) -> float | None:
+        speedup = predict(ratio, blocks_for(ratio))
+        return speedup if speedup is not None and speedup >= target.speedup else None
+
+    low, high = 0.0, 1.0 - RATIO_STEP
+    while high > low and predict(high, blocks_for(high)) is None:  # the most this route can remove
+        high = round(high - 0.01, 4)
+    if high <= 0 or meets(high) is None:
+        _unreachable(target, predict(high, blocks_for(high)) if high > 0 else None, f"removing {high:.0%}")
+    while high - low > RATIO_STEP:
+        middle = round((low + high) / 2, 6)
+        low, high = (low, middle) if meets(middle) is not None else (middle, high)
+    ratio = math.ceil(high / RATIO_STEP - 1e-9) * RATIO_STEP
+    speedup = meets(ratio)
+    while speedup is None:  # the interpolated times are not exactly monotone: step up until the target holds
+        ratio = round(ratio + RATIO_STEP, 4)
+        speedup = meets(ratio)
+    return SpeedPlan(round(ratio, 4), blocks_for(ratio), speedup, dense_ms, dense_ms / speedup)
+
+
+def _unreachable(target: SpeedTarget, best: float | None, what: str) -> None:
+    reach = f"at most {best:.2f}x" if best else "nothing"
+    other = [r for r in ROUTES if r != target.route]
+    raise LlmBipError(f"a {target.speedup}x {target.mode} speed-up is out of reach by {target.route}: {what} gives "
+                      f"{reach} on this device's timing; lower --target-speedup or try --speed-route "
+                      f"{' or '.join(other)}")
+

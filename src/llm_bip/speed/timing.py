@@ -1,0 +1,271 @@
+"""The device's own timing of a model's block shapes: what a block costs at a few widths, measured.
+
+Speed does not follow parameter counts (a 135M model decoding one token at a time on a CPU is bound by
+per-operator overhead, a wide FFN by arithmetic), so the speed planner asks the device. A small model
+of the family is built with random weights at each grid shape (query heads x KV heads x FFN channels),
+in the weights' dtype and on the device, and timed with 3 blocks and with 1: the difference is two
+blocks' time, the rest is the fixed cost (embeddings, final norm, output layer, the framework's own).
+Prefill is one forward pass over `batch` x `seq_len` tokens; decode is one token per sequence with a
+KV cache of `seq_len` tokens. The table is cached by everything that decides it (family, shapes, dtype,
+device, torch version, mode, batch, length), so each device times a model shape once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_bip.errors import LlmBipError
+from llm_bip.outputs import write_text_atomic
+from llm_bip.widths import BlockWidths
+
+log = logging.getLogger(__name__)
+
+TIMING_FORMAT = "llm-bip-timing/1"
+MODES = ("prefill", "decode")
+CHANNEL_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+# Blocks in the two timed models: their difference is what blocks cost, the rest is fixed.
+FEW_BLOCKS, MORE_BLOCKS = 1, 3
+
+
+@dataclass(frozen=True)
+class TimingKey:
+    """Everything a timing depends on."""
+
+    family: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    channels: int
+    vocab_size: int
+    dtype: str
+    device: str  # the device's name (the GPU's model, or "cpu" with its core count)
+    torch_version: str
+    mode: str
+    batch: int
+    seq_len: int
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TimingTable:
+    """Milliseconds per block at grid widths, and the fixed cost of one pass, for one `TimingKey`."""
+
+    key: TimingKey
+    fixed_ms: float
+    points: list[tuple[BlockWidths, float]]  # (widths, ms per block)
+    details: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------- prediction
+
+    def block_ms(self, widths: BlockWidths) -> float:
+        """One block's time at `widths`: piecewise linear in the FFN channels along each measured head level,
+        then linear in the query heads between the two nearest levels (extrapolated beyond them)."""
+        levels = sorted({w.num_heads for w, _ in self.points})
+        curves = {h: sorted((w.channels, ms) for w, ms in self.points if w.num_heads == h) for h in levels}
+        if len(levels) == 1:
+            return _interpolate(curves[levels[0]], widths.channels)
+        heads = widths.num_heads
+        upper = next((h for h in levels[1:] if h >= heads), levels[-1])
+        lower = levels[levels.index(upper) - 1]
+        t_low, t_up = _interpolate(curves[lower], widths.channels), _interpolate(curves[upper], widths.channels)
+        return max(0.0, t_low + (t_up - t_low) * (heads - lower) / (upper - lower))
+
+    def model_ms(self, blocks: list[BlockWidths]) -> float:
+        """One pass of a model whose kept blocks have these widths."""
+        return self.fixed_ms + sum(self.block_ms(w) for w in blocks)
+
+    # ----------------------------------------------------------------------------------------- files
+
+    def to_json(self) -> dict:
+        return {"format": TIMING_FORMAT, "key": asdict(self.key), "fixed_ms": self.fixed_ms,
+                "points": [{**w.to_json(), "block_ms": ms} for w, ms in self.points], "details": self.details}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "timing table") -> TimingTable:
+        if not isinstance(data, dict) or data.get("format") != TIMING_FORMAT:
+            raise LlmBipError(f"{source} is not an llm-bip timing table ({TIMING_FORMAT})")
+        try:
+            points = [(BlockWidths.from_json(p), float(p["block_ms"])) for p in data["points"]]
+            return cls(TimingKey(**data["key"]), float(data["fixed_ms"]), points, data.get("details", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LlmBipError(f"{source} is a damaged timing table ({exc}): delete it to time again") from None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> TimingTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise LlmBipError(f"cannot read the timing table {path}: {exc}") from None
+        return cls.from_json(data, str(path))
+
+
+def _interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """Piecewise-linear through (channels, ms), extrapolated along the end segments; never below 0."""
+    if len(points) == 1:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1 or (x1, y1) == points[-1]:
+            return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return points[-1][1]
+
+
+# --------------------------------------------------------------------------------------- measuring
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}:{os.cpu_count()}cores:{torch.get_num_threads()}threads"
+
+
+def timing_key(config, family: str, dtype: torch.dtype, device: torch.device, mode: str, batch: int,
+               seq_len: int, widths: BlockWidths, head_dim: int) -> TimingKey:
+    if mode not in MODES:
+        raise LlmBipError(f"unknown speed mode '{mode}': use one of {', '.join(MODES)}")
+    return TimingKey(family, config.hidden_size, widths.num_heads, widths.num_kv_heads, head_dim, widths.channels,
+                     config.vocab_size, str(dtype).removeprefix("torch."), device_name(device), torch.__version__,
+                     mode, batch, seq_len)
+
+
+def head_levels(widths: BlockWidths) -> list[tuple[int, int]]:
+    """(query heads, KV heads) the grid times: all of them, and half the KV groups where there are two or more."""
+    levels = [(widths.num_heads, widths.num_kv_heads)]
+    if widths.num_kv_heads >= 2:
+        kv = widths.num_kv_heads // 2
+        levels.append((kv * widths.group_size, kv))
+    elif widths.num_heads >= 2:
+        levels.append((widths.num_heads // 2, 1))
+    return levels
+
+
+def grid(widths: BlockWidths) -> list[BlockWidths]:
+    channels = sorted({max(1, round(f * widths.channels)) for f in CHANNEL_FRACTIONS})
+    return [BlockWidths(h, kv, c) for h, kv in head_levels(widths) for c in channels]
+
+
+def shaped_config(config, widths: BlockWidths, head_dim: int, num_blocks: int):
+    """The stock config of a model of `num_blocks` blocks, all of `widths` (head_dim kept)."""
+    shaped = copy.deepcopy(config)
+    if getattr(shaped, "layer_widths", None):  # a pruned model's own class: every block at `widths`
+        shaped.layer_widths = [widths.to_json()] * num_blocks
+    shaped.num_hidden_layers = num_blocks
+    shaped.num_attention_heads, shaped.num_key_value_heads = widths.num_heads, widths.num_kv_heads
+    shaped.intermediate_size = widths.channels
+    shaped.head_dim = head_dim
+    layer_types = getattr(shaped, "layer_types", None)
+    if isinstance(layer_types, list | tuple):
+        shaped.layer_types = list(layer_types[:num_blocks]) + [layer_types[-1]] * max(0, num_blocks - len(layer_types))
+    shaped.use_cache = True
+    return shaped
+
+
+@torch.no_grad()
+def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repeats: int, device: torch.device,
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median milliseconds of one pass: prefill over batch x seq_len tokens, or one decoding step per sequence
+    with a KV cache of seq_len tokens (median over 8 steps in each repeat)."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    samples = []
+    for repeat in range(repeats + 1):  # the first is a warm-up
+        if mode == "prefill":
+            sync()
+            start = clock()
+            model(ids, use_cache=False)
+            sync()
+            elapsed = clock() - start
+        else:
+            out = model(ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(8):
+                sync()
+                start = clock()
+                out = model(token, past_key_values=cache, use_cache=True)
+                sync()
+                steps.append(clock() - start)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            elapsed = statistics.median(steps)
+        if repeat:
+            samples.append(elapsed * 1000)
+    return statistics.median(samples)
+
+
+def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
+            mode: str, batch: int, seq_len: int, repeats: int = 3, progress: bool = True) -> TimingTable:
+    """Time the grid of block shapes around `widths` (the model's full widths) on `device`."""
+    from tqdm.auto import tqdm
+
+    key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
+    points, fixed = [], []
+    started = time.perf_counter()
+    for shape in tqdm(grid(widths), desc=f"timing {mode} shapes", disable=not progress):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(shaped_config(config, shape, head_dim, MORE_BLOCKS), dtype=dtype)
+        model = model.to(device).eval()
+        more = time_pass(model, mode, batch, seq_len, repeats, device)
+        model.model.layers = model.model.layers[:FEW_BLOCKS]
+        model.config.num_hidden_layers = FEW_BLOCKS
+        few = time_pass(model, mode, batch, seq_len, repeats, device)
+        block = max(0.0, (more - few) / (MORE_BLOCKS - FEW_BLOCKS))
+        points.append((shape, block))
+        fixed.append(few - FEW_BLOCKS * block)
+        del model
+    details = {"seconds": time.perf_counter() - started, "repeats": repeats, "fixed_ms_per_shape": fixed,
+               "method": f"median of {repeats} passes with {MORE_BLOCKS} blocks and with {FEW_BLOCKS}; "
+                         "block = difference / 2, fixed = the rest (median over shapes)"}
+    return TimingTable(key, max(0.0, statistics.median(fixed)), points, details)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_BIP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                          os.path.expanduser("~/.cache"), "llm-bip")
+    return Path(root) / "timing"
+
+
+def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 mode: str, batch: int, seq_len: int, path: Path | None = None, progress: bool = True) -> TimingTable:
+    """The cached table for this key (in `path`, or the cache directory), timed and saved if there is none."""
+    key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
+    file = Path(path) if path else cache_dir() / f"{family}-{mode}-b{batch}-{key.digest()}.json"
+    if file.is_file():
+        table = TimingTable.load(file)
+        if table.key == key:
+            log.info("timing table %s (cached)", file)
+            return table
+        if path:
+            raise LlmBipError(f"the timing table {file} was measured for another model, device or setting "
+                              f"({_difference(table.key, key)}): give another --timing-table path")
+    log.info("timing %s at batch %d on %s (%d shapes; cached in %s)", mode, batch, key.device, len(grid(widths)), file)
+    table = measure(config, family, widths, head_dim, dtype, device, mode, batch, seq_len, progress=progress)
+    table.save(file)
+    return table
+
+
+def _difference(a: TimingKey, b: TimingKey) -> str:
+    da, db = asdict(a), asdict(b)
+    return ", ".join(f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k])

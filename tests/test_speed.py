@@ -1,0 +1,183 @@
+"""The speed target: the device's timing table, the planner's arithmetic on a fake table, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIGS
+from llm_bip.config import PruneConfig
+from llm_bip.errors import LlmBipError
+from llm_bip.params import BlockCosts
+from llm_bip.speed import timing
+from llm_bip.speed.planner import SpeedTarget, plan_speed
+from llm_bip.speed.timing import TimingKey, TimingTable
+from llm_bip.widths import BlockWidths
+
+FULL = BlockWidths(8, 2, 100)
+KEY = TimingKey("llama", 64, 8, 2, 8, 100, 128, "bfloat16", "fake", "0", "prefill", 1, 128)
+
+
+def fake_table(fixed: float = 10.0) -> TimingTable:
+    """A block costs 1 ms + 0.02 ms per channel + 0.25 ms per query head: full width 5 ms."""
+    points = [(BlockWidths(h, kv, c), 1 + 0.02 * c + 0.25 * h) for h, kv in ((8, 2), (4, 1)) for c in (10, 50, 100)]
+    return TimingTable(KEY, fixed, points)
+
+
+def costs(num_blocks: int = 10) -> list[BlockCosts]:
+    # head 2, kv 1, channel 3 parameters; a block's prunable part is 8*2 + 2*1 + 100*3 = 318, fixed 2.
+    return [BlockCosts(2, 1, 3, FULL, 2) for _ in range(num_blocks)]
+
+
+def counts(c: list[BlockCosts]) -> dict:
+    blocks = sum(x.total(x.widths) for x in c)
+    return {"total": blocks + 1000, "embedding": 1000, "non_embedding": blocks}
+
+
+def test_interpolation_is_exact_on_a_linear_table():
+    table = fake_table()
+    for widths in (BlockWidths(8, 2, 73), BlockWidths(6, 2, 40), BlockWidths(4, 1, 100), BlockWidths(8, 2, 5)):
+        assert table.block_ms(widths) == pytest.approx(1 + 0.02 * widths.channels + 0.25 * widths.num_heads)
+    assert table.model_ms([FULL] * 10) == pytest.approx(60.0)
+
+
+def test_depth_route_takes_the_fewest_blocks_that_meet_the_target():
+    # Dense: 10 + 10 * 5 = 60 ms. n blocks removed: 60 / (60 - 5n) >= 1.5  <=>  n >= 4.
+    c = costs()
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth"))
+    assert (speed.ratio, speed.remove_blocks) == (None, 4)
+    assert speed.predicted_speedup == pytest.approx(1.5) and speed.pruned_ms == pytest.approx(40.0)
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.6, route="depth"))
+    assert speed.remove_blocks == 5 and speed.predicted_speedup == pytest.approx(60 / 35)
+
+
+def test_width_route_finds_the_smallest_ratio_that_meets_the_target():
+    c = costs()
+    config = PruneConfig()  # channels only (head ratio 0) at these ratios
+    speed = plan_speed(c, counts(c), config, fake_table(), SpeedTarget(1.25, route="width"))
+    assert speed.remove_blocks == 0 and speed.predicted_speedup >= 1.25
+    # 60 / 1.25 = 48 ms: each block sheds 1.2 ms = 60 channels = 180 of its 320 parameters (0.5625), and
+    # the uniform allocation rounds to whole channels per block, so from 59.5 channels (0.5578) on.
+    assert speed.ratio == pytest.approx(0.5578, abs=2e-4)
+    below = plan_speed(c, counts(c), config, fake_table(), SpeedTarget(1.2, route="width"))
+    assert below.ratio < speed.ratio
+    # One step less than the chosen ratio no longer meets the target.
+    from llm_bip.pipeline import plan_widths
+
+    smaller = plan_widths(c, round((speed.ratio - 0.002) * counts(c)["non_embedding"]), config, None)
+    assert 60 / fake_table().model_ms(smaller) < 1.25
+
+
+def test_mixed_route_takes_its_share_from_whole_blocks():
+    c = costs()
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="mixed", depth_share=0.5))
+    assert speed.remove_blocks >= 1 and speed.ratio is not None and speed.predicted_speedup >= 1.5
+    per_block = c[0].total(FULL)
+    share = speed.remove_blocks * per_block / (speed.ratio * counts(c)["non_embedding"])
+    assert share == pytest.approx(0.5, abs=per_block / (speed.ratio * counts(c)["non_embedding"]))
+    planned = speed.config(PruneConfig())
+    assert planned.ratio == speed.ratio and planned.remove_blocks == speed.remove_blocks
+
+
+def test_out_of_reach_is_a_clear_error():
+    c = costs()
+    with pytest.raises(LlmBipError, match="out of reach by width"):
+        plan_speed(c, counts(c), PruneConfig(), fake_table(fixed=500.0), SpeedTarget(1.5, route="width"))
+    with pytest.raises(LlmBipError, match="factor above 1"):
+        SpeedTarget(0.9).validate()
+
+
+def test_measured_table_is_cached_and_checked(tmp_path, monkeypatch):
+    config = TINY_CONFIGS["llama"]()
+    monkeypatch.setenv("LLM_BIP_CACHE", str(tmp_path / "cache"))
+    widths = BlockWidths(6, 2, 96)
+    table = timing.timing_table(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "decode", 1, 16,
+                                progress=False)
+    assert len(table.points) == len(timing.grid(widths)) == 10  # 2 head levels x 5 channel widths
+    assert {w.num_heads for w, _ in table.points} == {6, 3} and all(ms >= 0 for _, ms in table.points)
+    assert table.fixed_ms > 0
+    files = list((tmp_path / "cache" / "timing").glob("*.json"))
+    assert len(files) == 1
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again instead of reading the cache")
+
+    monkeypatch.setattr(timing, "measure", no_timing)
+    again = timing.timing_table(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "decode", 1, 16)
+    assert again.to_json() == table.to_json()
+    with pytest.raises(LlmBipError, match="measured for another model"):
+        timing.timing_table(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "prefill", 1, 16,
+                            path=files[0])
+    files[0].write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(LlmBipError, match="not an llm-bip timing table"):
+        timing.TimingTable.load(files[0])
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory) -> Path:
+    from conftest import VOCAB
+    from test_depth import write_model
+
+    folder = tmp_path_factory.mktemp("speed-cli")
+    path = write_model(folder / "dense", "llama", layers=4, dtype=torch.float32)
+    words = torch.randint(1, VOCAB - 1, (4000,), generator=torch.Generator().manual_seed(1))
+    (folder / "calib.txt").write_text("\n".join(" ".join(f"w{int(w)}" for w in words[i:i + 40])
+                                                for i in range(0, 4000, 40)))
+    return path
+
+
+def _prune(cli_model: Path, out: Path, *extra: str) -> int:
+    from llm_bip.cli import main
+
+    return main(["prune", "--model", str(cli_model), "--calibration", str(cli_model.parent / "calib.txt"),
+                 "--num-samples", "4", "--seq-len", "16", "--eval", "none", "--quiet", "--output", str(out), *extra])
+
+
+def _fake_table_for(cli_model: Path, path: Path, mode: str = "prefill") -> Path:
+    """A linear fake timing table under the key this machine would measure for the tiny model."""
+    from llm_bip import api
+
+    lm = api.load(str(cli_model))
+    full = lm.adapter.widths(lm.adapter.blocks(lm.model)[0])
+    key = timing.timing_key(lm.model.config, "llama", lm.dtype, lm.device, mode, 1, 128, full, lm.adapter.head_dim)
+    points = [(BlockWidths(h, kv, c), 1 + 0.02 * c + 0.1 * h) for h, kv in ((full.num_heads, full.num_kv_heads),
+                                                                          (full.num_heads // 2, full.num_kv_heads // 2))
+              for c in (10, full.channels // 2, full.channels)]
+    TimingTable(key, 4.0, points).save(path)
+    return path
+
+
+def test_cli_prunes_to_a_speed_target(cli_model, tmp_path):
+    table = _fake_table_for(cli_model, tmp_path / "timing.json")
+    # Dense: 4 + 4 * (1 + 1.92 + 0.6) = 18.08 ms; one block less: 14.56 ms = 1.24x; two: 11.04 = 1.64x.
+    out = tmp_path / "depth"
+    assert _prune(cli_model, out, "--target-speedup", "1.3", "--speed-route", "depth", "--timing-table", str(table)) == 0
+    record = json.loads((out / "pruning_record.json").read_text())
+    assert record["speed_target"]["remove_blocks"] == 2
+    assert record["speed_target"]["predicted_speedup"] == pytest.approx(18.08 / 11.04)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    out = tmp_path / "width"
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width", "--timing-table", str(table)) == 0
+    record = json.loads((out / "pruning_record.json").read_text())
+    assert record["speed_target"]["predicted_speedup"] >= 1.2 and record["speed_target"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-speedup", "1.3", "--ratio", "0.2"], "leave out --ratio"),
+    (["--target-speedup", "1.3", "--remove-blocks", "1"], "leave out --remove-blocks"),
+    (["--speed-mode", "decode"], "cannot apply without --target-speedup"),
+    (["--target-speedup", "1.3", "--depth-share", "0.3"], "mixed only"),
+    (["--target-speedup", "0.5"], "factor above 1"),
+    (["--target-speedup", "1.3", "--speed-route", "depth", "--allocation", "block-adaptive"], "whole blocks only"),
+])
+def test_cli_speed_target_errors(cli_model, tmp_path, flags, message, capsys):
+    table = _fake_table_for(cli_model, tmp_path / "timing.json")
+    assert _prune(cli_model, tmp_path / "out", *flags, "--timing-table", str(table)) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
