@@ -9,8 +9,11 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -32,6 +35,22 @@ TINY_CONFIGS = {
                                  num_key_value_heads=2, vocab_size=VOCAB),
     "qwen3": lambda: Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16, vocab_size=VOCAB),
+    # Fused qkv_proj / gate_up_proj; no head_dim in the config (as Phi-3's own), half-width rotary (Phi-4-mini's
+    # partial_rotary_factor); the stock token ids lie outside the tiny vocabulary.
+    "phi3": lambda: Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=VOCAB, partial_rotary_factor=0.5, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=None),
+    # Norms after attention and FFN too, head_dim != hidden / heads, query_pre_attn_scalar != head_dim, and
+    # sliding-window layers with a window shorter than the test sequences mixed with full attention (Gemma 3
+    # with its own rotary base for each layer type); Gemma 2 with both soft-cappings, Gemma 3 with one KV head.
+    "gemma2": lambda: Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, vocab_size=VOCAB, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   query_pre_attn_scalar=24, final_logit_softcapping=5.0, attn_logit_softcapping=8.0),
+    "gemma3_text": lambda: Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, vocab_size=VOCAB,
+                                           sliding_window=4, query_pre_attn_scalar=24,
+                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 FAMILIES = list(TINY_CONFIGS)
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import FAMILIES, tiny_model, tiny_samples
 from llm_bip.adapters import adapter_for
+from llm_bip.adapters.base import weight_rows
 from llm_bip.allocation import AllocationConfig, allocate
 from llm_bip.errors import LlmBipError
 from llm_bip.params import count_parameters
@@ -141,14 +142,14 @@ def reference_taylor(lm, ids, variant):
         p = lm.adapter.parts(block)
         acc = {}
         for name, axis in (("q", 1), ("k", 1), ("v", 1), ("o", 0), ("gate", 1), ("up", 1), ("down", 0)):
-            w = getattr(p, f"{name}_proj").weight
-            s = w.detach() * w.grad
+            w, rows = weight_rows(getattr(p, f"{name}_proj"))  # Phi-3: rows of the fused qkv / gate_up weight
+            s = (w.detach() * w.grad)[rows]
             acc[name] = s.abs().sum(axis) if variant == "element1" else s.sum(axis).abs()
         out.append(acc)
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
 @pytest.mark.parametrize("variant", ["element1", "vector"])
 def test_taylor_matches_full_gradient_reference(family, variant):
     lm = tiny_model(family)

@@ -34,6 +34,45 @@ def test_ratio_zero_leaves_logits_identical(family):
             assert torch.equal(logits(pruned, ids), before), (compensation, mode)
 
 
+def _sliding_qwen2():
+    from transformers import Qwen2Config
+
+    from conftest import TINY_CONFIGS, tiny_from_config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**TINY_CONFIGS["qwen2"]().to_dict(), "use_sliding_window": True, "sliding_window": 4,
+                            "max_window_layers": 1, "layer_types": None})
+    return tiny_from_config(config, "tiny-qwen2-sliding")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen2-sliding"])
+def test_the_block_loop_gives_each_block_its_own_mask_and_rotary_embeddings(family):
+    """Sliding-window layers (window 4 < 12 tokens) mixed with full attention, and Gemma 3's rotary base
+    per layer type: the loop's activations after the last block, sequential with nothing cut, are the
+    model's own; block 0's mask and rotary embeddings for every block would not be."""
+    from llm_bip.activations import run_block
+    from llm_bip.block_loop import Selection
+    from llm_bip.compensation import RefitCompensation
+    from llm_bip.pipeline import walk, widths_of
+
+    lm = _sliding_qwen2() if family == "qwen2-sliding" else tiny_model(family)
+    assert len(set(lm.model.config.layer_types)) == 2
+    ids = tiny_samples()
+    with torch.no_grad():
+        expected = lm.model(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    norm = lm.adapter.final_norm(lm.model)
+    selection = Selection(widths=widths_of(lm), scorer=make_scorer("llm-bip"), sequential=True)
+    result = walk(lm, ids, 3, selection, RefitCompensation(), progress=False)
+    with torch.no_grad():
+        assert torch.equal(norm(torch.cat(result.inputs.hidden)), expected)
+        wrong = capture_block_inputs(lm.model, lm.adapter, ids, batch_size=3)
+        assert wrong.layer_kwargs is not None
+        wrong.layer_kwargs = None  # what the loop did before: block 0's arguments for every block
+        for layer, block in enumerate(lm.adapter.blocks(lm.model)):
+            wrong = run_block(block, wrong, layer=layer)
+        assert not torch.allclose(norm(torch.cat(wrong.hidden)), expected, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
 @pytest.mark.parametrize("allocation", ["uniform", "block-adaptive", "global-adaptive"])
@@ -142,6 +181,42 @@ def test_exact_head_reference_matches_measured_removal_and_bounds():
             parts.o_proj.weight[:, cols] = saved
         change = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(dense.hidden, removed.hidden, strict=True)))
         assert torch.isclose(exact.heads[h], change, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_scores_through_the_norms_after_the_sub_layers(family):
+    """Gemma normalises o_proj's and down_proj's outputs before the residual add. A channel's score is its
+    block-output change to first order through that norm (within 10% on the tiny model), the 'exact' head
+    reference is the measured change, and (1 + L_jvp) bounds it from above."""
+    from llm_bip.activations import run_block
+    from llm_bip.pipeline import geometry
+
+    lm = tiny_model(family)
+    inputs = capture_block_inputs(lm.model, lm.adapter, tiny_samples(n=2, length=12), batch_size=2)
+    block, layer = lm.adapter.blocks(lm.model)[1], 1
+    parts = lm.adapter.parts(block)
+    assert parts.post_attention_norm is block.pre_feedforward_layernorm  # N2 is the norm in front of the FFN
+    _, inputs = collect_block_stats(lm.adapter.blocks(lm.model)[0], lm.adapter.parts(lm.adapter.blocks(lm.model)[0]),
+                                    inputs, StatsRequest(), 0)
+    stats, dense = collect_block_stats(block, parts, inputs, StatsRequest(residual_sample=1000), layer)
+    assert stats.ffn_gain_sq != 1.0 and stats.attn_gain_sq != 1.0
+
+    def change(linear, cols) -> torch.Tensor:
+        saved = linear.weight[:, cols].clone()
+        with torch.no_grad():
+            linear.weight[:, cols] = 0
+            removed = run_block(block, inputs, layer=layer)
+            linear.weight[:, cols] = saved
+        return torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(dense.hidden, removed.hidden, strict=True)))
+
+    g = geometry(lm, layer)
+    scores = {v: make_scorer("llm-bip", lipschitz=v).score_block(parts, stats, g) for v in ("none", "exact", "jvp")}
+    for k in (0, 5, 17, 60):
+        assert torch.isclose(scores["none"].channels[k], change(parts.down_proj, k), rtol=0.1)
+    for h in (0, 3):
+        true = change(parts.o_proj, slice(h * g.head_dim, (h + 1) * g.head_dim))
+        assert torch.isclose(scores["exact"].heads[h], true, rtol=1e-3)
+        assert scores["jvp"].heads[h] > true
 
 
 def test_scores_are_deterministic():

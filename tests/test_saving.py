@@ -47,7 +47,8 @@ def test_uniform_that_stock_config_rejects_saves_per_block_widths(tmp_path):
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)
 
 
-TINY_TYPE = {"llama": "llama", "llama-mha": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+TINY_TYPE = {"llama": "llama", "llama-mha": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+             "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3_text"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -151,6 +151,11 @@ class PruneConfig:
             if self.refit_target == "dense":
                 from llm_bip.two_stream import DenseTargetRefit
 
+                if adapter is not None and adapter.has_output_norms:
+                    raise LlmBipError(f"--refit-target dense is not supported for {adapter.family}: a norm follows "
+                                      "o_proj and down_proj there, so the dense residual stream is no target for "
+                                      "their outputs; use --refit-target layer (the default)")
+
                 return DenseTargetRefit(self.attn_refit_damping, self.refit_damping)
             return RefitCompensation(self.attn_refit_damping, self.refit_damping, self.intercepts(adapter),
                                      refit_aware=self.selection == "refit-aware")

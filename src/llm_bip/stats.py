@@ -7,6 +7,14 @@ work, so the full matrix is computed only when a refit of o_proj asks for it), p
 score), optionally down_proj's full Gram (refit), the block output energy and how far the output is from
 the input (the block score of `depth.py`), and a small token sample of
 the FFN's residual input for the Lipschitz estimate.
+
+Where a norm sits on a sub-layer's output (Gemma 2/3: `BlockParts.attn_output_norm`, `ffn_output_norm`),
+the block output sees o_proj's output u_t through it: to first order a change d_t of u_t moves the
+block output by g ⊙ d_t / r_t (g the norm's elementwise scale, r_t = rms(u_t)). So every statistic of
+that projection's input is weighted per token by w_t = 1 / r_t², normalised to mean 1 (the weighted
+sums are rescaled by n / Σw, `tokens` stays the token count), and mean(w) is kept as `attn_gain_sq` /
+`ffn_gain_sq`: scorers then measure block-output change (docs/method.md), and the refit becomes the
+least-squares fit of what the norm sees, weighted as the norm weighs it. Without such a norm w_t = 1.
 """
 
 from __future__ import annotations
@@ -49,7 +57,11 @@ class BlockStats:
     output_sq: float = 0.0  # sum over tokens of ||block output||^2
     skip_sq: float = 0.0  # sum over tokens of ||block output - block input||^2 (what skipping the block changes)
     residual_sample: torch.Tensor | None = None  # [S, hidden] FFN residual input h
-    attn_in_sample: torch.Tensor | None = None  # [S, d_attn] o_proj inputs of the same tokens
+    attn_in_sample: torch.Tensor | None = None  # [S, d_attn] o_proj inputs of the same tokens (unweighted)
+    # mean over tokens of 1 / rms(sub-layer output)^2 where a norm follows o_proj / down_proj (else 1): the
+    # attn_* / ffn_* statistics above are weighted by it per token, normalised to mean 1
+    attn_gain_sq: float = 1.0
+    ffn_gain_sq: float = 1.0
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -105,16 +117,19 @@ def collect_block_stats(
 
         return wrapped
 
+    weight_sums = {"attn": 0.0, "ffn": 0.0}
+
     @float32
-    def on_o_proj(_m, args):
+    def on_o_proj(_m, args, out):
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         stats.tokens += x.shape[0]
-        stats.attn_sum = _add(stats.attn_sum, x.sum(0))
-        stats.attn_gram = _accumulate_gram(stats.attn_gram, x, block_width)
         if per_batch_sample:
             idx = torch.randperm(x.shape[0], generator=generator)[:per_batch_sample]
             pending["idx"] = idx
             stats.attn_in_sample = _cat(stats.attn_in_sample, x[idx])
+        x, root = _weighted(x, out, parts.attn_output_norm, weight_sums, "attn")
+        stats.attn_sum = _add(stats.attn_sum, _weighted_sum(x, root))
+        stats.attn_gram = _accumulate_gram(stats.attn_gram, x, block_width)
 
     def on_post_norm(_m, args):
         if per_batch_sample:
@@ -122,9 +137,10 @@ def collect_block_stats(
             stats.residual_sample = _cat(stats.residual_sample, h[pending["idx"]])
 
     @float32
-    def on_down_proj(_m, args):
-        a = args[0].reshape(-1, args[0].shape[-1]).float()
-        stats.ffn_sum = _add(stats.ffn_sum, a.sum(0))
+    def on_down_proj(_m, args, out):
+        a, root = _weighted(args[0].reshape(-1, args[0].shape[-1]).float(), out, parts.ffn_output_norm, weight_sums,
+                            "ffn")
+        stats.ffn_sum = _add(stats.ffn_sum, _weighted_sum(a, root))
         stats.ffn_sq = _add(stats.ffn_sq, (a * a).sum(0))
         if request.ffn_gram:
             stats.ffn_gram = _accumulate_gram(stats.ffn_gram, a, 0)
@@ -135,9 +151,9 @@ def collect_block_stats(
         stats.output_sq += energy
 
     handles = [
-        parts.o_proj.register_forward_pre_hook(on_o_proj),
+        parts.o_proj.register_forward_hook(on_o_proj),
         parts.post_attention_norm.register_forward_pre_hook(on_post_norm),
-        parts.down_proj.register_forward_pre_hook(on_down_proj),
+        parts.down_proj.register_forward_hook(on_down_proj),
         block.register_forward_hook(on_block_out),
     ]
     try:
@@ -145,7 +161,60 @@ def collect_block_stats(
     finally:
         for h in handles:
             h.remove()
+    with full_precision():
+        stats.attn_gain_sq = _normalise(stats, weight_sums["attn"], parts.attn_output_norm, ("attn_sum", "attn_gram"))
+        stats.ffn_gain_sq = _normalise(stats, weight_sums["ffn"], parts.ffn_output_norm,
+                                       ("ffn_sum", "ffn_sq", "ffn_gram"))
     return stats, outputs
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """The epsilon of an RMSNorm (its attribute is `eps` or `variance_epsilon`, by family)."""
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+
+
+@torch.no_grad()
+def norm_scale(norm: nn.Module) -> torch.Tensor:
+    """The elementwise scale g of an RMSNorm, N(u) = g ⊙ u / rms(u), read off its output for a vector of
+    ones (so Gemma's (1 + weight) and LLaMA's weight both come out right)."""
+    weight = norm.weight  # float32 ones: the norms compute in float32 and return the input's dtype
+    ones = torch.ones(1, weight.shape[0], dtype=torch.float32, device=weight.device)
+    return (norm(ones).float() * (1 + norm_eps(norm)) ** 0.5).reshape(-1)
+
+
+def token_weights(out: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """w_t = 1 / rms(u_t)^2 of the sub-layer outputs u that `norm` normalises (float32, flat over tokens)."""
+    u = out.reshape(-1, out.shape[-1]).float()
+    return 1.0 / (u.pow(2).mean(-1) + norm_eps(norm))
+
+
+def _weighted(x: torch.Tensor, out: torch.Tensor, norm: nn.Module | None, sums: dict,
+              key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x_t · sqrt(w_t), sqrt(w_t)): sums of squares and Gram products of the first are the weighted ones.
+    Where no norm follows, (x, None)."""
+    if norm is None:
+        return x, None
+    w = token_weights(out, norm).to(x.device)
+    sums[key] += float(w.double().sum())
+    root = w.sqrt()
+    return x * root[:, None], root
+
+
+def _weighted_sum(scaled: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
+    """Σ_t w_t x_t from the scaled x_t · sqrt(w_t)."""
+    return scaled.sum(0) if root is None else root @ scaled
+
+
+def _normalise(stats: BlockStats, weight_sum: float, norm: nn.Module | None, fields: tuple[str, ...]) -> float:
+    """Rescale the weighted statistics so that the weights average 1 over the tokens; returns mean(w)."""
+    if norm is None or not stats.tokens:
+        return 1.0
+    mean = weight_sum / stats.tokens
+    for name in fields:
+        value = getattr(stats, name)
+        if value is not None:
+            value.div_(mean)
+    return mean
 
 
 def _accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, block_width: int) -> torch.Tensor:

@@ -88,7 +88,10 @@ def input_side(loaded: LoadedModel, present: bool) -> None:
         materialize(loaded.model, loaded.checkpoint, names, StreamedBlocks(loaded).dtype, loaded.device)
         loaded.model.tie_weights()
     elif not present:
+        buffers = dict(embedding.named_buffers(recurse=False))  # not in the checkpoint (Gemma's embed_scale): kept
         embedding.to("meta")  # a new (meta) parameter: tie a tied head to it again, so the old one is freed
+        for name, buffer in buffers.items():
+            setattr(embedding, name, buffer)
         loaded.model.tie_weights()
         release_freed_memory(loaded.device)
 

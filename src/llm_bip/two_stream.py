@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from llm_bip.activations import BlockInputs, full_precision, run_block
+from llm_bip.activations import full_precision, run_block
 from llm_bip.compensation import Compensator, add_output_bias, solve_refit
 from llm_bip.stats import StatsRequest
 from llm_bip.surgery import head_columns
@@ -69,7 +69,7 @@ class DenseTargetRefit(Compensator):
         return True
 
     def start_block(self, adapter, block, layer, inputs) -> None:
-        dense = BlockInputs(self.dense if self.dense is not None else inputs.hidden, inputs.kwargs, inputs.spill)
+        dense = inputs.with_hidden(self.dense if self.dense is not None else inputs.hidden)
         h: list[torch.Tensor] = []
         capture = _PerBatch(adapter.parts(block).post_attention_norm, lambda _i, x: h.append(x))
         try:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from llm_bip.adapters.base import BlockParts, FamilyAdapter
+from llm_bip.adapters.gemma import Gemma2Adapter, Gemma3TextAdapter
 from llm_bip.adapters.llama import LlamaAdapter
 from llm_bip.adapters.mistral import MistralAdapter
+from llm_bip.adapters.phi3 import Phi3Adapter
 from llm_bip.adapters.qwen2 import Qwen2Adapter
 from llm_bip.adapters.qwen3 import Qwen3Adapter
 from llm_bip.errors import LlmBipError
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Phi3Adapter,
+                                          Gemma2Adapter, Gemma3TextAdapter)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
@@ -32,7 +35,8 @@ def adapter_for(model_or_config) -> FamilyAdapter:
             return adapter
     raise LlmBipError(
         f"unsupported architecture '{model_type}': llm-bip supports {', '.join(SUPPORTED_MODEL_TYPES)} "
-        "(LLaMA 1/2/3, Vicuna, SmolLM2, Mistral, Qwen2, Qwen3)"
+        "(LLaMA 1/2/3, Vicuna, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3/Phi-4 with fused qkv and gate/up projections, "
+        "Gemma 2, Gemma 3 text models)"
     )
 
 

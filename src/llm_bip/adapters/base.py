@@ -18,20 +18,62 @@ from llm_bip.widths import BlockWidths
 
 
 @dataclass(frozen=True)
+class LinearRows:
+    """Output rows [start, stop) of a fused `nn.Linear`, read like a projection of its own (Phi-3's
+    qkv_proj holds the q, k and v rows). `weight` and `bias` are views: reading only."""
+
+    linear: nn.Linear
+    start: int
+    stop: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.start : self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.linear.bias is None else self.linear.bias[self.start : self.stop]
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+
+Projection = nn.Linear | LinearRows
+
+
+def weight_rows(projection: Projection) -> tuple[nn.Parameter, slice]:
+    """The weight parameter a projection lives in and its rows there (gradient hooks need the parameter)."""
+    if isinstance(projection, LinearRows):
+        return projection.linear.weight, slice(projection.start, projection.stop)
+    return projection.weight, slice(None)
+
+
+@dataclass(frozen=True)
 class BlockParts:
     """The modules of one decoder block that scoring and compensation read (never assign through these:
-    `FamilyAdapter.cut` replaces them)."""
+    `FamilyAdapter.cut` replaces them). q/k/v and gate/up are only read (their weights, for weight-based
+    scores); where a family fuses them they are `LinearRows` of the fused projection."""
 
     attention: nn.Module
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
+    q_proj: Projection
+    k_proj: Projection
+    v_proj: Projection
     o_proj: nn.Linear
     post_attention_norm: nn.Module  # N2: the norm in front of the FFN
     mlp: nn.Module  # F: the FFN whose output is added to the residual stream
-    gate_proj: nn.Linear
-    up_proj: nn.Linear
+    gate_proj: Projection
+    up_proj: Projection
     down_proj: nn.Linear
+    # Norms on a sub-layer's output before the residual add (Gemma 2/3's post-attention and post-FFN
+    # norms), None where the output goes straight to the residual stream. Scores and refits weigh each
+    # token by what the norm does to it (stats.py, docs/method.md).
+    attn_output_norm: nn.Module | None = None
+    ffn_output_norm: nn.Module | None = None
 
 
 class FamilyAdapter:
@@ -52,6 +94,8 @@ class FamilyAdapter:
     # attention; after a removal they count the kept layers among those N).
     per_layer_fields: tuple[str, ...] = ("layer_types", "sliding_window")
     layer_count_fields: tuple[str, ...] = ()
+    # Whether blocks have norms on the sub-layer outputs (`BlockParts.attn_output_norm`, Gemma 2/3).
+    has_output_norms: bool = False
 
     def __init__(self, config) -> None:
         self.config = config

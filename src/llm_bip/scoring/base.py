@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from llm_bip.adapters import BlockParts
 from llm_bip.depth import block_score
-from llm_bip.stats import BlockStats, StatsRequest
+from llm_bip.stats import BlockStats, StatsRequest, norm_scale
 from llm_bip.widths import BlockWidths
 
 
@@ -108,6 +109,13 @@ class Scorer:
             lipschitz=lipschitz,
             block_score=block_score(stats.skip_sq, stats.output_sq),
         )
+
+
+def block_output_weight(linear: nn.Module, norm: nn.Module | None) -> torch.Tensor:
+    """The weight of o_proj / down_proj as the block output sees it: W, or diag(g) W where a norm of scale
+    g follows the projection (its 1 / rms per token is in the statistics' weights, stats.py)."""
+    weight = linear.weight.float()
+    return weight if norm is None else norm_scale(norm).to(weight.device)[:, None] * weight
 
 
 def head_output_norms(o_weight: torch.Tensor, attn_gram: torch.Tensor, head_dim: int, heads_per_unit: int) -> torch.Tensor:

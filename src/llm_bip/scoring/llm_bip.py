@@ -5,6 +5,10 @@ Head h (bound):         (1 + L) · ||W_o[:, cols(h)] o_h||_F, a KV group by summ
 L variants: "none" (L = 0), "jvp" (power iteration on a token sample, the RMS of the per-token
 spectral norms), and "exact", the reference: the true ||Δy|| of removing each head on the sample.
 
+Where a norm follows o_proj / down_proj (Gemma 2/3), the same norms are taken of what reaches the
+block output to first order: W becomes diag(g) W and each token is weighted by 1 / rms(sub-layer
+output)^2 (stats.py; docs/method.md, "Norms after the sub-layers"), and L is that of N3∘F∘N2.
+
 `centered`: the block-output change of removing a structure *and* adding its mean contribution
 back as a bias, which is what bias compensation does next: the same norms over the centered inputs
 (a − mean, o − mean). A channel whose output is nearly constant costs nothing once compensated.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from llm_bip.adapters import BlockParts
-from llm_bip.scoring.base import BlockGeometry, BlockScores, Scorer, head_output_norms
+from llm_bip.scoring.base import BlockGeometry, BlockScores, Scorer, block_output_weight, head_output_norms
 from llm_bip.scoring.lipschitz import exact_output_change, jvp_power_iteration
 from llm_bip.stats import BlockStats, StatsRequest
 
@@ -46,18 +50,19 @@ class LlmBipScorer(Scorer):
     @torch.no_grad()
     def score_block(self, parts: BlockParts, stats: BlockStats, geometry: BlockGeometry) -> BlockScores:
         hd = geometry.head_dim
-        w_o = parts.o_proj.weight.float()
+        w_o = block_output_weight(parts.o_proj, parts.attn_output_norm)
+        w_down = block_output_weight(parts.down_proj, parts.ffn_output_norm)
         ffn_sq, attn_gram = stats.ffn_sq, stats.attn_gram
         if self.centered:
             ffn_sq = stats.tokens * stats.ffn_var
             attn_gram = attn_gram - stats.tokens * torch.outer(stats.attn_mean, stats.attn_mean)
-        channels = parts.down_proj.weight.float().norm(dim=0) * ffn_sq.sqrt()
-        heads = head_output_norms(w_o, attn_gram, hd, 1)
-        groups = head_output_norms(w_o, attn_gram, hd, geometry.group_size)
+        channels = w_down.norm(dim=0) * ffn_sq.sqrt() * stats.ffn_gain_sq**0.5
+        heads = head_output_norms(w_o, attn_gram, hd, 1) * stats.attn_gain_sq**0.5
+        groups = head_output_norms(w_o, attn_gram, hd, geometry.group_size) * stats.attn_gain_sq**0.5
         lipschitz = 0.0
         if self.lipschitz == "jvp":
             sigma = jvp_power_iteration(parts.post_attention_norm, parts.mlp, stats.residual_sample,
-                                        self.iterations, self.seed + geometry.layer)
+                                        self.iterations, self.seed + geometry.layer, parts.ffn_output_norm)
             lipschitz = float(sigma.pow(2).mean().sqrt())
             heads, groups = (1 + lipschitz) * heads, (1 + lipschitz) * groups
         elif self.lipschitz == "exact":
@@ -71,9 +76,16 @@ class LlmBipScorer(Scorer):
         o, h = stats.attn_in_sample, stats.residual_sample
         scale = (stats.tokens / o.shape[0]) ** 0.5
 
+        attn_norm = parts.attn_output_norm
+        if attn_norm is not None:  # what the attention adds to the residual is N(u) of its whole output u
+            full = o @ w_o.T + (parts.o_proj.bias.float() if parts.o_proj.bias is not None else 0)
+            added = attn_norm(full.to(attn_norm.weight.dtype)).float()
+
         def change(cols: slice) -> torch.Tensor:
             u = o[:, cols] @ w_o[:, cols].T
-            return exact_output_change(parts.post_attention_norm, parts.mlp, h, u).norm() * scale
+            if attn_norm is not None:
+                u = added - attn_norm((full - u).to(attn_norm.weight.dtype)).float()
+            return exact_output_change(parts.post_attention_norm, parts.mlp, h, u, parts.ffn_output_norm).norm() * scale
 
         heads = torch.stack([change(slice(i * hd, (i + 1) * hd)) for i in range(geometry.num_heads)])
         gw = hd * geometry.group_size

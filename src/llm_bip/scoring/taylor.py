@@ -13,7 +13,8 @@ Weights only (the source skips biases), no norms (q/k norms are shared by all he
 
 Memory: one gradient pass over the whole model, but never a full set of gradient buffers. Only the
 seven projection weights of each block require grad; a post-accumulate hook folds each weight's
-gradient into per-row/column accumulators and drops it at once. The samples go through in batches,
+gradient into per-row/column accumulators and drops it at once (a fused weight, Phi-3's qkv_proj or
+gate_up_proj, gets one hook that folds each projection's rows of it). The samples go through in batches,
 each loss weighted by its share of the tokens, so the vector variant (linear in the gradient) equals
 the full-data gradient's; element1 takes |s| per batch, which equals LLM-Pruner's (one batch of 10
 texts) when the samples fit one batch and is a sum over batches otherwise.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from llm_bip.adapters import BlockParts
+from llm_bip.adapters.base import weight_rows
 from llm_bip.errors import LlmBipError
 from llm_bip.scoring.base import BlockGeometry, BlockScores, Scorer
 from llm_bip.stats import BlockStats
@@ -33,8 +35,8 @@ TAYLOR_VARIANTS = ("element1", "vector")
 _PROJECTIONS = (("q", 1), ("k", 1), ("v", 1), ("o", 0), ("gate", 1), ("up", 1), ("down", 0))
 
 
-def _linear(parts: BlockParts, name: str) -> torch.nn.Linear:
-    return getattr(parts, f"{name}_proj")
+def _weight_rows(parts: BlockParts, name: str) -> tuple[torch.nn.Parameter, slice]:
+    return weight_rows(getattr(parts, f"{name}_proj"))
 
 
 class TaylorScorer(Scorer):
@@ -59,11 +61,13 @@ class TaylorScorer(Scorer):
         was_training = model.training
         handles = []
 
-        def fold(layer: int, name: str, axis: int):
+        def fold(layer: int, projections: list[tuple[str, int, slice]]):
             def hook(p: torch.Tensor) -> None:
-                s = p.detach().float() * p.grad.float()
-                part = s.abs().sum(axis) if self.variant == "element1" else s.sum(axis)  # abs later: linear
-                acc[layer][name] = part if name not in acc[layer] else acc[layer][name] + part
+                salience = p.detach().float() * p.grad.float()
+                for name, axis, rows in projections:
+                    s = salience[rows]
+                    part = s.abs().sum(axis) if self.variant == "element1" else s.sum(axis)  # abs later: linear
+                    acc[layer][name] = part if name not in acc[layer] else acc[layer][name] + part
                 p.grad = None  # no gradient buffer outlives its own accumulation
 
             return hook
@@ -73,10 +77,13 @@ class TaylorScorer(Scorer):
                 p.requires_grad_(False)
             for layer, block in enumerate(blocks):
                 parts = adapter.parts(block)
+                by_weight: dict[torch.nn.Parameter, list[tuple[str, int, slice]]] = {}
                 for name, axis in _PROJECTIONS:
-                    weight = _linear(parts, name).weight
+                    weight, rows = _weight_rows(parts, name)
+                    by_weight.setdefault(weight, []).append((name, axis, rows))
+                for weight, projections in by_weight.items():
                     weight.requires_grad_(True)
-                    handles.append(weight.register_post_accumulate_grad_hook(fold(layer, name, axis)))
+                    handles.append(weight.register_post_accumulate_grad_hook(fold(layer, projections)))
             model.eval()
             device = next(model.parameters()).device
             predicted = samples.shape[0] * (samples.shape[1] - 1)
