@@ -247,8 +247,7 @@ def test_full_finetune_with_a_lora_option_is_refused(tokenizer, data):
     [
         ("lora", False, torch.float32),
         ("full", False, torch.float32),
-        ("lora", True, torch.float32),
-        ("full", True, torch.float32),
+        ("lora", True, torch.float32),  # the teacher cache's resume (the same for both trainers)
         ("full", False, torch.bfloat16),  # float32 masters in the checkpoint, bf16 weights in the model
     ],
 )
