@@ -25,6 +25,7 @@ import torch
 from llm_bip import api
 from llm_bip.config import PruneConfig
 from llm_bip.data import load_text, tokenize
+from llm_bip.params import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"wikitext": str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"), "lee": "lee",
@@ -39,6 +40,15 @@ VARIANTS: dict[str, tuple[dict, dict]] = {  # name: (PruneConfig changes, calibr
     "refit-aware": ({"selection": "refit-aware"}, {}),
     "intercept-always": ({"refit_intercept": "always"}, {}),
     "intercept-never": ({"refit_intercept": "never"}, {}),
+    # Some heads as well as channels: one query head in every KV group (3 of SmolLM2's 9).
+    "heads": ({"gqa_mode": "query-heads", "head_ratio": 0.34}, {}),
+    "calibration-128": ({}, {"num_samples": 128}),
+    "calibration-512": ({}, {"num_samples": 32, "seq_len": 512}),
+    # Depth pruning: `depth_share` of the ratio's parameters come from whole blocks (the rest from widths).
+    "depth": ({"depth_share": 1.0}, {}),
+    "mixed": ({"depth_share": 0.5}, {}),
+    # Iterative pruning: half the ratio, then the rest from the pruned model (re-scored, refit again).
+    "iterative": ({"iterative_steps": 2}, {}),
 }
 
 
@@ -62,11 +72,28 @@ def _number(text: str):
     return text
 
 
-def evaluate(lm, texts: dict, lengths: list[int], windows: dict[int, int]) -> dict:
+def with_depth(changes: dict, ratio: float, lm) -> dict:
+    """PruneConfig changes with `depth_share` turned into a number of whole blocks to remove: that share of
+    the ratio's non-embedding parameters, in blocks (every block of these models has the same size)."""
+    changes = dict(changes)
+    share = changes.pop("depth_share", None)
+    if share:
+        blocks = lm.adapter.blocks(lm.model)
+        per_block = sum(p.numel() for p in blocks[0].parameters())
+        non_embedding = sum(p.numel() for p in blocks.parameters())
+        changes["remove_blocks"] = max(1, round(share * ratio * non_embedding / per_block))
+    return changes
+
+
+def evaluate(lm, texts: dict, lengths: list[int], windows: dict, skip: set | frozenset = frozenset()) -> dict:
+    """Perplexity per text@length; `windows[(text, length)]` or `windows[length]` windows (from the start)."""
     out = {}
     for name, ids in texts.items():
         for n in lengths:
-            r = api.evaluate(lm, [name], [n], max_windows=windows[n], progress=False, tokenized={name: ids})
+            if f"{name}@{n}" in skip:
+                continue
+            count = windows.get((name, n), windows[n])
+            r = api.evaluate(lm, [name], [n], max_windows=count, progress=False, tokenized={name: ids})
             out[f"{name}@{n}"] = r[f"{name}@{n}"]["perplexity"]
     return out
 
@@ -80,20 +107,27 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--windows-128", type=int, default=150)
     parser.add_argument("--windows-2048", type=int, default=40)
+    parser.add_argument("--other-windows-2048", type=int,
+                        help="windows at 2048 of the texts other than WikiText-2 (default: --windows-2048)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     result.update(model=args.model, texts=args.texts, calibration_default=CALIBRATION,
-                  windows={"128": args.windows_128, "2048": args.windows_2048},
                   command="python benchmarks/bench_quality.py " + " ".join(__import__("sys").argv[1:]))
     dense = api.load(args.model)
+    dense_counts = count_parameters(dense.model, dense.adapter)
     texts = {name: tokenize(dense.tokenizer, load_text(TEXTS[name], split="test")) for name in args.texts}
-    windows = {128: args.windows_128, 2048: args.windows_2048}
+    windows: dict = {128: args.windows_128, 2048: args.windows_2048}
     windows.update({n: args.windows_128 for n in args.lengths if n not in windows})
-    if "dense" not in result:
-        result["dense"] = evaluate(dense, texts, args.lengths, windows)
+    if args.other_windows_2048:
+        windows.update({(name, 2048): args.other_windows_2048 for name in texts if name != "wikitext"})
+    result["windows"] = {f"{k[0]}@{k[1]}" if isinstance(k, tuple) else str(k): v for k, v in windows.items()}
+    result.setdefault("dense", {})
+    missing = evaluate(dense, texts, args.lengths, windows, skip=set(result["dense"]))
+    if missing:
+        result["dense"].update(missing)
         out.write_text(json.dumps(result, indent=1))
     print("dense", result["dense"], flush=True)
     samples_cache: dict[tuple, tuple] = {}
@@ -109,14 +143,21 @@ def main() -> None:
             if run_key in result["runs"]:
                 continue
             lm = copy.deepcopy(dense)
-            config = dataclasses.replace(PruneConfig(ratio=ratio), **changes)
+            steps = changes.get("iterative_steps", 1)
+            options = {k: v for k, v in changes.items() if k != "iterative_steps"}
             start = time.perf_counter()
-            pruned = api.prune(lm, config, samples, info, progress=False)
+            for step in range(1, steps + 1):
+                # Step k removes up to k/steps of the dense model's parameters: a ratio of what is left.
+                done, goal = ratio * (step - 1) / steps, ratio * step / steps
+                config = dataclasses.replace(PruneConfig(ratio=(goal - done) / (1 - done)),
+                                             **with_depth(options, ratio, dense))
+                pruned = api.prune(lm, config, samples, info, progress=False)
             seconds = time.perf_counter() - start
             blocks = pruned.report["compensation"]["blocks"]
             result["runs"][run_key] = {
                 "variant": name, "ratio": ratio, "config": changes, "calibration": cal, "prune_seconds": seconds,
-                "removed_non_embedding": pruned.report["removed_fraction"]["non_embedding"],
+                "removed_non_embedding": 1 - pruned.report["parameters_after"]["non_embedding"]
+                / dense_counts["non_embedding"],
                 "heads_kept": sum(len(b.keep_heads) for b in pruned.plan.blocks),
                 "compensation_kept": sorted({v.split(":")[0] for b in blocks for v in b.values()}),
                 "perplexity": evaluate(lm, texts, args.lengths, windows),

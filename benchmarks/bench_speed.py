@@ -1,0 +1,197 @@
+"""Speed of pruned shapes against dense, measured in one run (the speed issue), and the timing table's prediction.
+
+    python benchmarks/bench_speed.py --model tinyllama --out benchmarks/results/speed_tinyllama.json
+    python benchmarks/bench_speed.py --model smollm2 --ratios 0.2 0.3 0.5 --out benchmarks/results/speed_smollm2.json
+
+Speed does not depend on the weights' values, so every model here is the family's stock class with
+random weights at the pruned shape: dense; `width` (the default allocation's uniform widths at the
+ratio: FFN channels first); `depth` (whole blocks, the ratio's share of the non-embedding parameters);
+`mixed` (half of the ratio from whole blocks, the rest from widths). Each shape runs in a fresh
+subprocess (so its peak memory is its own): prefill tokens/s of 128-token prompts at batch 1 and 8,
+greedy decoding tokens/s at batch 1 (32 new tokens after a 128-token prompt, KV cache), best of
+`--repeats`, in bf16; weights and KV-cache size; peak RSS (CPU) or peak allocated memory (CUDA). Dense
+runs first and last, so drift over the run shows. With `--predict`, the speed planner's timing table
+(llm_bip.speed.timing, the same one `prune --target-speedup` uses) predicts each shape's speed-up too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from llm_bip.adapters import adapter_for
+from llm_bip.config import PruneConfig
+from llm_bip.devices import resolve_device
+from llm_bip.params import block_costs
+from llm_bip.pipeline import depth_parameters, plan_widths
+from llm_bip.widths import BlockWidths
+
+SHAPES = {
+    # TinyLlama-1.1B's shape: 22 blocks, 32 query / 4 KV heads of 64, FFN 5632, vocabulary 32,000 (untied).
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False),
+    # SmolLM2-135M's: 30 blocks, 9 / 3 heads of 64, FFN 1536, vocabulary 49,152 (tied).
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+}
+PROMPT, NEW_TOKENS = 128, 32
+
+
+def base_config(name: str) -> LlamaConfig:
+    return LlamaConfig(**SHAPES[name], max_position_embeddings=2048, rope_theta=10000.0)
+
+
+def shapes_for(name: str, ratios: list[float]) -> list[dict]:
+    """Per plan: its name, blocks kept and the (uniform) widths of the kept blocks."""
+    config = base_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(model)
+    costs = [block_costs(adapter, b) for b in adapter.blocks(model)]
+    non_embedding = sum(c.total(c.widths) for c in costs)
+    num_blocks = len(costs)
+    plans = [{"plan": "dense", "ratio": 0.0, "blocks": num_blocks, "widths": costs[0].widths.to_json()}]
+    for ratio in ratios:
+        for route, share in (("width", 0.0), ("depth", 1.0), ("mixed", 0.5)):
+            blocks = round(share * ratio * non_embedding / depth_parameters(costs, [0]))
+            removed = list(range(num_blocks - blocks, num_blocks))
+            rest = round(ratio * non_embedding) - depth_parameters(costs, removed)
+            widths = plan_widths(costs, max(rest, 0), PruneConfig(ratio=ratio), None, removed)[0]
+            kept = sum(costs[0].total(widths) for _ in range(num_blocks - blocks))
+            plans.append({"plan": f"{route} {ratio:.0%}", "route": route, "ratio": ratio, "blocks": num_blocks - blocks,
+                          "widths": widths.to_json(), "removed_non_embedding": 1 - kept / non_embedding})
+    plans.append(dict(plans[0], plan="dense (again)"))
+    return plans
+
+
+def shaped(name: str, plan: dict) -> LlamaConfig:
+    config = base_config(name)
+    widths = BlockWidths.from_json(plan["widths"])
+    config.num_hidden_layers = plan["blocks"]
+    config.num_attention_heads, config.num_key_value_heads = widths.num_heads, widths.num_kv_heads
+    config.intermediate_size = widths.channels
+    return config
+
+
+@torch.no_grad()
+def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> dict:
+    """Runs in its own process: build the shape, time it, report its memory."""
+    torch.manual_seed(0)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config = shaped(name, plan)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters())
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    out = {}
+    for batch in (1, 8):
+        ids = torch.randint(100, 10000, (batch, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
+        model(ids, use_cache=False)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        out[f"prefill_b{batch}_tok_s"] = batch * PROMPT / best
+        if batch == 1:
+            prefill = best
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            best_decode = float("inf")
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+                sync()
+                best_decode = min(best_decode, max(time.perf_counter() - start - prefill, 1e-6))
+            out["decode_b1_tok_s"] = NEW_TOKENS / best_decode
+    widths = BlockWidths.from_json(plan["widths"])
+    kv_bytes_per_token = 2 * config.num_hidden_layers * widths.num_kv_heads * config.head_dim * 2
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024)
+    return {**out, "parameters": parameters, "weights_mib": weights / 2**20,
+            "kv_cache_mib_per_1k_tokens": kv_bytes_per_token * 1000 / 2**20,
+            "kv_cache_mib_b1": kv_bytes_per_token * (PROMPT + NEW_TOKENS) / 2**20,
+            "peak_memory_mib": peak / 2**20, "peak_memory_kind": "cuda allocated" if device.type == "cuda"
+            else "RSS high-water above the process before the model"}
+
+
+def predict(name: str, plans: list[dict], device: torch.device) -> dict:
+    """The speed planner's predicted speed-up of each plan, from this device's timing tables."""
+    from llm_bip.speed.timing import timing_table
+
+    config = base_config(name)
+    full = BlockWidths.from_json(plans[0]["widths"])
+    out = {}
+    for mode, batch in (("prefill", 1), ("decode", 1)):
+        table = timing_table(config, "llama", full, config.head_dim, torch.bfloat16, device, mode, batch, PROMPT)
+        dense = table.model_ms([full] * plans[0]["blocks"])
+        for plan in plans:
+            ms = table.model_ms([BlockWidths.from_json(plan["widths"])] * plan["blocks"])
+            out.setdefault(plan["plan"], {})[f"{mode}_b{batch}_predicted_speedup"] = dense / ms
+        out.setdefault("timing_seconds", {})[mode] = table.details.get("seconds")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--predict", action="store_true", help="also predict each speed-up from the timing table")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one plan (JSON) and print the result
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if args.one:
+        print(json.dumps(measure_one(args.model, json.loads(args.one), device, args.repeats)))
+        return
+    plans = shapes_for(args.model, args.ratios)
+    started = time.perf_counter()
+    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": "bfloat16",
+              "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
+              "command": "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), "plans": []}
+    for plan in plans:
+        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--repeats",
+                   str(args.repeats), "--out", args.out, "--one", json.dumps(plan)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        result["plans"].append({**plan, **measured})
+        print(plan["plan"], {k: round(v, 2) for k, v in measured.items() if isinstance(v, float)}, flush=True)
+    dense = result["plans"][0]
+    for plan in result["plans"]:
+        for key in ("prefill_b1_tok_s", "prefill_b8_tok_s", "decode_b1_tok_s"):
+            plan[key.replace("tok_s", "speedup")] = plan[key] / dense[key]
+    if args.predict:
+        predicted = predict(args.model, plans, device)
+        result["timing_seconds"] = predicted.pop("timing_seconds")
+        for plan in result["plans"]:
+            plan.update(predicted.get(plan["plan"], {}))
+    result["seconds"] = time.perf_counter() - started
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for plan in result["plans"]:
+        print(f"{plan['plan']:<14} params {plan['parameters']:>13,}  prefill b1 {plan['prefill_b1_speedup']:.2f}x  "
+              f"b8 {plan['prefill_b8_speedup']:.2f}x  decode b1 {plan['decode_b1_speedup']:.2f}x"
+              + (f"  (predicted {plan.get('prefill_b1_predicted_speedup', 0):.2f}x / "
+                 f"{plan.get('decode_b1_predicted_speedup', 0):.2f}x)" if args.predict else ""))
+
+
+if __name__ == "__main__":
+    main()
