@@ -98,7 +98,7 @@ def test_measured_table_is_cached_and_checked(tmp_path, monkeypatch):
                                 progress=False)
     assert len(table.points) == len(timing.grid(widths)) == 10  # 2 head levels x 5 channel widths
     assert {w.num_heads for w, _ in table.points} == {6, 3} and all(ms >= 0 for _, ms in table.points)
-    assert table.fixed_ms > 0
+    assert table.fixed_ms >= 0 and table.model_ms([widths] * 3) > 0  # (a tiny model's fixed part can time as 0)
     files = list((tmp_path / "cache" / "timing").glob("*.json"))
     assert len(files) == 1
 
