@@ -509,14 +509,18 @@ def test_interrupted_streamed_run_with_removed_blocks_resumes_to_the_same_result
 # ------------------------------------------------------------------------------- (e) the CLI
 
 
-@pytest.fixture(scope="module")
-def cli_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("depth-cli")
-    path = write_model(folder / "dense", "llama", layers=3, dtype=torch.float32)
+def write_cli_model(folder: Path, layers: int) -> Path:
+    """A float32 tiny LLaMA in `folder`/dense with a calibration text of its own words in `folder`/calib.txt."""
+    path = write_model(folder / "dense", "llama", layers=layers, dtype=torch.float32)
     words = torch.randint(1, VOCAB - 1, (4000,), generator=torch.Generator().manual_seed(1))
     (folder / "calib.txt").write_text("\n".join(" ".join(f"w{int(w)}" for w in words[i:i + 40])
                                                 for i in range(0, 4000, 40)))
     return path
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory) -> Path:
+    return write_cli_model(tmp_path_factory.mktemp("depth-cli"), layers=3)
 
 
 def _cli(cli_model: Path, command: str, *extra: str) -> int:

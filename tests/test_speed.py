@@ -121,15 +121,9 @@ def test_measured_table_is_cached_and_checked(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory) -> Path:
-    from conftest import VOCAB
-    from test_depth import write_model
+    from test_depth import write_cli_model
 
-    folder = tmp_path_factory.mktemp("speed-cli")
-    path = write_model(folder / "dense", "llama", layers=4, dtype=torch.float32)
-    words = torch.randint(1, VOCAB - 1, (4000,), generator=torch.Generator().manual_seed(1))
-    (folder / "calib.txt").write_text("\n".join(" ".join(f"w{int(w)}" for w in words[i:i + 40])
-                                                for i in range(0, 4000, 40)))
-    return path
+    return write_cli_model(tmp_path_factory.mktemp("speed-cli"), layers=4)
 
 
 def _prune(cli_model: Path, out: Path, *extra: str) -> int:
