@@ -81,18 +81,17 @@ def shaped(name: str, plan: dict) -> LlamaConfig:
     return config
 
 
-@torch.no_grad()
-def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> dict:
-    """Runs in its own process: build the shape, time it, report its memory."""
+def build(name: str, plan: dict, device: torch.device):
     torch.manual_seed(0)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = shaped(name, plan)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_config(shaped(name, plan), dtype=torch.bfloat16).to(device).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    parameters = sum(p.numel() for p in model.parameters())
+    return model
 
+
+@torch.no_grad()
+def time_model(model, device: torch.device, repeats: int) -> dict:
+    """Prefill tokens/s at batch 1 and 8 and decoding tokens/s at batch 1, best of `repeats` after a warm-up."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -120,6 +119,46 @@ def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> di
                 sync()
                 best_decode = min(best_decode, max(time.perf_counter() - start - prefill, 1e-6))
             out["decode_b1_tok_s"] = NEW_TOKENS / best_decode
+    return out
+
+
+def interleaved(name: str, plans: list[dict], device: torch.device, rounds: int) -> list[dict]:
+    """Every plan built once in this process and timed once per round, the order rotated each round, so
+    drift of the machine falls on every plan alike; the best of the rounds per plan and measure. The
+    round-by-round numbers are kept (dense's show the drift)."""
+    models = [build(name, plan, device) for plan in plans]
+    best: list[dict] = [{} for _ in plans]
+    per_round: list[list[dict]] = [[] for _ in plans]
+    for r in range(rounds):
+        order = list(range(len(plans)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            measured = time_model(models[i], device, repeats=1)
+            per_round[i].append(measured)
+            for key, value in measured.items():
+                best[i][key] = max(best[i].get(key, 0.0), value)
+        print(f"round {r + 1}/{rounds}: dense prefill b1 {per_round[0][-1]['prefill_b1_tok_s']:.0f} tok/s", flush=True)
+    out = []
+    for plan, model, b, rounds_seen in zip(plans, models, best, per_round, strict=True):
+        widths = BlockWidths.from_json(plan["widths"])
+        kv = 2 * plan["blocks"] * widths.num_kv_heads * model.config.head_dim * 2
+        out.append({**plan, **b, "rounds": rounds_seen, "parameters": sum(p.numel() for p in model.parameters()),
+                    "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                    "kv_cache_mib_per_1k_tokens": kv * 1000 / 2**20})
+    return out
+
+
+@torch.no_grad()
+def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> dict:
+    """Runs in its own process: build the shape, time it, report its memory."""
+    torch.manual_seed(0)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config = shaped(name, plan)
+    model = build(name, plan, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters())
+
+    out = time_model(model, device, repeats)
     widths = BlockWidths.from_json(plan["widths"])
     kv_bytes_per_token = 2 * config.num_hidden_layers * widths.num_kv_heads * config.head_dim * 2
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -155,6 +194,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--predict", action="store_true", help="also predict each speed-up from the timing table")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="interleaved mode: every shape in this process, timed once per round, best of the "
+                             "rounds (robust to drift; no per-plan peak memory)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one plan (JSON) and print the result
     args = parser.parse_args()
@@ -167,7 +209,10 @@ def main() -> None:
     result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": "bfloat16",
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
               "command": "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), "plans": []}
-    for plan in plans:
+    if args.rounds:
+        result["mode"] = f"interleaved, {args.rounds} rounds"
+        result["plans"] = interleaved(args.model, plans, device, args.rounds)
+    for plan in plans if not args.rounds else []:
         command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--repeats",
                    str(args.repeats), "--out", args.out, "--one", json.dumps(plan)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
