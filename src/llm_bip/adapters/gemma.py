@@ -25,6 +25,8 @@ q/k/v/o biases, so the stock config can hold a bias on o_proj but not on down_pr
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from llm_bip.adapters.base import BlockParts, FamilyAdapter
@@ -35,11 +37,10 @@ class _GemmaAdapter(FamilyAdapter):
     has_output_norms = True
 
     def parts(self, block: nn.Module) -> BlockParts:
-        attn, mlp = block.self_attn, block.mlp
-        return BlockParts(
-            attention=attn, q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj, o_proj=attn.o_proj,
-            post_attention_norm=block.pre_feedforward_layernorm, mlp=mlp,
-            gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj,
+        # LLaMA's projections; the norm in front of the FFN is Gemma's pre_feedforward_layernorm (its
+        # post_attention_layernorm normalises the attention's output, as post_feedforward_layernorm the FFN's).
+        return dataclasses.replace(
+            super().parts(block), post_attention_norm=block.pre_feedforward_layernorm,
             attn_output_norm=block.post_attention_layernorm, ffn_output_norm=block.post_feedforward_layernorm,
         )
 
