@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm_bip.config import PruneConfig
-from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, tokenize
+from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, text_windows, tokenize
 from llm_bip.devices import out_of_memory_is_an_error
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, window_batch_size
@@ -73,8 +73,22 @@ def calibrate(
 ) -> tuple[torch.Tensor, dict]:
     """Seeded calibration samples from a text source, and a description of them for the record."""
     check_seq_len(loaded, seq_len)
-    samples = calibration_samples(loaded.tokenizer, load_text(source, split="train"), num_samples, seq_len, seed)
-    return samples, {"source": str(source), "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
+    bos = window_bos(loaded)
+    samples = calibration_samples(loaded.tokenizer, load_text(source, split="train"), num_samples, seq_len, seed, bos)
+    return samples, {"source": str(source), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+                     **({"bos_per_window": True} if bos is not None else {})}
+
+
+def window_bos(loaded: LoadedModel) -> int | None:
+    """The token every window of text starts with, for families that need one (Gemma), else None."""
+    if not loaded.adapter.bos_per_window:
+        return None
+    bos = loaded.tokenizer.bos_token_id
+    if bos is None:
+        raise LlmBipError(f"{loaded.adapter.family} models need a BOS token at the start of every window, and this "
+                          "model's tokenizer has none: give the model's own tokenizer (tokenizer.json with its "
+                          "bos_token)")
+    return bos
 
 
 def score(
@@ -181,6 +195,7 @@ def evaluate(
     for seq_len in seq_lens:
         check_seq_len(loaded, seq_len, "evaluation length")
     results = {}
+    bos = window_bos(loaded)
     for source in sources:
         ids = tokenized[source] if tokenized else tokenize(loaded.tokenizer, load_text(source, split="test"))
         for seq_len in seq_lens:
@@ -191,19 +206,12 @@ def evaluate(
                 if loaded.streamed:
                     from llm_bip.streaming import streamed_perplexity
 
-                    results[key] = streamed_perplexity(loaded, ids, source, seq_len, count_windows(ids, seq_len, windows,
-                                                       source), bs, dtype, progress)
+                    data = text_windows(ids, seq_len, windows, bos, str(source))
+                    results[key] = streamed_perplexity(loaded, data, source, bs, dtype, progress)
                 else:
                     results[key] = perplexity(loaded.model, loaded.tokenizer, source, seq_len, windows, bs, dtype,
-                                              progress, ids=ids)
+                                              progress, ids=ids, bos_id=bos)
     return results
-
-
-def count_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, source: str) -> int:
-    windows = ids.numel() // seq_len
-    if windows == 0:
-        raise LlmBipError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return min(windows, max_windows) if max_windows else windows
 
 
 def short_name(source: str) -> str:

@@ -230,20 +230,44 @@ def _newsgroups_text(path: Path) -> str:
 
 
 def calibration_samples(
-    tokenizer: PreTrainedTokenizerBase, text: str, num_samples: int, seq_len: int, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase, text: str, num_samples: int, seq_len: int, seed: int = 0,
+    bos_id: int | None = None,
 ) -> torch.Tensor:
-    """`num_samples` random windows of `seq_len` tokens from `text` (as Wanda and SparseGPT draw them)."""
+    """`num_samples` random windows of `seq_len` tokens from `text` (as Wanda and SparseGPT draw them);
+    with `bos_id`, each is that token and `seq_len - 1` tokens of text."""
     if num_samples < 1 or seq_len < 2:
         raise LlmBipError("calibration needs at least 1 sample of at least 2 tokens")
     ids = tokenize(tokenizer, text)
-    if ids.numel() <= seq_len:
+    length = seq_len - (bos_id is not None)
+    if ids.numel() <= length:
         raise LlmBipError(
             f"calibration text has {ids.numel()} tokens, fewer than one sample of {seq_len}: "
             "give a longer text or a shorter --seq-len"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - length, (num_samples,), generator=generator)
+    samples = torch.stack([ids[s : s + length] for s in starts.tolist()])
+    return with_bos(samples, bos_id)
+
+
+def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, bos_id: int | None = None,
+                 source: str = "the text") -> torch.Tensor:
+    """The non-overlapping windows of `seq_len` tokens over `ids` that perplexity is measured on (at most
+    `max_windows`); with `bos_id`, each window is that token and the next `seq_len - 1` tokens of text, so
+    every text token after a window's first is predicted once, as without it."""
+    length = seq_len - (bos_id is not None)
+    windows = ids.numel() // length
+    if windows == 0:
+        raise LlmBipError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows:
+        windows = min(windows, max_windows)
+    return with_bos(ids[: windows * length].view(windows, length), bos_id)
+
+
+def with_bos(windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=windows.dtype), windows], dim=1)
 
 
 _CHUNK_CHARS = 200_000  # a fast tokenizer's working memory grows to ~140 bytes per character of its input

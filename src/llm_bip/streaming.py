@@ -149,12 +149,13 @@ def write_output_side(loaded: LoadedModel, writer: ShardWriter, zero_biases: dic
 
 
 @torch.no_grad()
-def streamed_perplexity(loaded: LoadedModel, ids: torch.Tensor, source: str, seq_len: int, windows: int,
-                        batch_size: int, dtype: str, progress: bool = True) -> dict:
-    """Perplexity of a streamed model: all windows through one block at a time, then norm and head."""
+def streamed_perplexity(loaded: LoadedModel, data: torch.Tensor, source: str, batch_size: int, dtype: str,
+                        progress: bool = True) -> dict:
+    """Perplexity of a streamed model over `data` (windows × seq_len token ids, data.text_windows): all
+    windows through one block at a time, then norm and head."""
     start = time.perf_counter()
     model, adapter = loaded.model, loaded.adapter
-    data = ids[: windows * seq_len].view(windows, seq_len)
+    windows, seq_len = data.shape
     input_side(loaded, present=True)
     inputs = capture_block_inputs(model, adapter, data, batch_size)
     blocks = StreamedBlocks(loaded)
@@ -176,4 +177,5 @@ def streamed_perplexity(loaded: LoadedModel, ids: torch.Tensor, source: str, seq
     mean = sum(losses) / len(losses)
     return {"source": str(source), "seq_len": seq_len, "windows": windows, "tokens": windows * seq_len,
             "perplexity": math.exp(mean), "dtype": str(blocks.dtype).removeprefix("torch."), "streamed": True,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            **({"bos_per_window": True} if adapter.bos_per_window else {})}

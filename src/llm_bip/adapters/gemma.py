@@ -35,6 +35,7 @@ from llm_bip.adapters.base import BlockParts, FamilyAdapter
 class _GemmaAdapter(FamilyAdapter):
     o_proj_bias_flag = "attention_bias"  # also gives q/k/v (zero) biases, which the stock class accepts
     has_output_norms = True
+    bos_per_window = True  # Gemma is trained with BOS first and breaks without it (base.py)
 
     def parts(self, block: nn.Module) -> BlockParts:
         # LLaMA's projections; the norm in front of the FFN is Gemma's pre_feedforward_layernorm (its

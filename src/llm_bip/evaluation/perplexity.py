@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llm_bip.data import load_text, tokenize
+from llm_bip.data import load_text, text_windows, tokenize
 from llm_bip.errors import LlmBipError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -57,19 +57,16 @@ def window_losses(model: nn.Module, hidden: torch.Tensor, batch: torch.Tensor) -
 def perplexity(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int = 2048,
     max_windows: int | None = None, batch_size: int = 1, dtype: str = "bfloat16", progress: bool = True,
-    ids: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None, bos_id: int | None = None,
 ) -> dict:
-    """Perplexity of `model` on the test split of `source` (a name or a local text file)."""
+    """Perplexity of `model` on the test split of `source` (a name or a local text file); with `bos_id`,
+    every window starts with that token (data.text_windows)."""
     if dtype not in DTYPES:
         raise LlmBipError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     if ids is None:
         ids = tokenize(tokenizer, load_text(source, split="test"))
-    windows = ids.numel() // seq_len
-    if windows == 0:
-        raise LlmBipError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    if max_windows:
-        windows = min(windows, max_windows)
-    data = ids[: windows * seq_len].view(windows, seq_len)
+    data = text_windows(ids, seq_len, max_windows, bos_id, str(source))
+    windows = data.shape[0]
     device = next(model.parameters()).device
     losses = []
     start = time.perf_counter()
@@ -86,4 +83,5 @@ def perplexity(
     return {
         "source": str(source), "seq_len": seq_len, "windows": windows, "tokens": windows * seq_len,
         "perplexity": math.exp(mean), "dtype": dtype, "seconds": time.perf_counter() - start,
+        **({"bos_per_window": True} if bos_id is not None else {}),
     }
