@@ -228,6 +228,18 @@ def test_scores_are_deterministic():
         assert torch.equal(x.heads, y.heads) and torch.equal(x.channels, y.channels)
 
 
+def test_score_tables_keep_the_lipschitz_factor_that_protects_heads():
+    # A scoring pass keeps every head, yet its table is what the adaptive allocators weigh heads against
+    # channels by: every block's head scores carry (1 + L) (once they had L = 0 wherever no head was cut).
+    lm = tiny_model("llama")
+    table = score(lm, make_scorer("llm-bip"), tiny_samples(), progress=False)
+    assert all(s.lipschitz > 0 for s in table.scores)
+    plain = score(lm, make_scorer("llm-bip", lipschitz="none"), tiny_samples(), progress=False)
+    for with_l, without in zip(table.scores, plain.scores, strict=True):
+        assert torch.allclose(with_l.heads, without.heads * (1 + with_l.lipschitz), rtol=1e-4)
+        assert torch.allclose(with_l.channels, without.channels, rtol=1e-5)
+
+
 def test_scores_replan_without_the_model(tmp_path):
     lm = tiny_model("llama")
     table = score(lm, make_scorer("llm-bip"), tiny_samples(), progress=False)

@@ -73,6 +73,9 @@ class Selection:
     fixed: list[BlockPlan] | None = None
     sequential: bool = True
     depth: dict | None = None  # the blocks removed whole and why (depth.choice), or None
+    # A scoring pass (pipeline.score): its table is what allocators compare heads and channels by, so every
+    # block's head scores are complete (with L), also where this pass keeps every head.
+    scores_every_unit: bool = False
 
     @property
     def removed(self) -> frozenset[int]:
@@ -144,7 +147,7 @@ def prune_blocks(
         cuts_heads = target.num_heads < geometry.num_heads
         scorer = None
         if selection.scores_in_loop():
-            scorer = selection.scorer if cuts_heads else selection.scorer.channels_only()
+            scorer = selection.scorer if cuts_heads or selection.scores_every_unit else selection.scorer.channels_only()
         if inputs is None:
             stats = BlockStats.from_scores(selection.table.scores[layer]) if selection.table else BlockStats()
             dense_out = None

@@ -223,7 +223,7 @@ def score(
     start = time.perf_counter()
     costs = costs_of(loaded)
     fingerprint = fingerprint_of(loaded)
-    selection = Selection(widths=_keep_all(costs), scorer=scorer, sequential=False)
+    selection = Selection(widths=_keep_all(costs), scorer=scorer, sequential=False, scores_every_unit=True)
     result = walk(loaded, samples, batch_size, selection, Compensator(), progress=progress)
     return ScoreTable(
         scores=result.scores, costs=costs, fingerprint=fingerprint, method=scorer.name, options=scorer.options(),
