@@ -7,7 +7,7 @@ same WikiText-2 windows: the end-to-end proof that `llm-bip export` wrote what l
         --seq-len 512 --max-windows 20 --threads 1 --output benchmarks/results/gguf_llamacpp.json
 
 Both sides score identical token ids: the text is tokenized once with the model directory's tokenizer
-and cut into the same non-overlapping windows; each window is evaluated from an empty context (KV cache
+and cut into the same non-overlapping windows (each starting with BOS for Gemma, as llm-bip measures it); each window is evaluated from an empty context (KV cache
 cleared), and perplexity is exp(mean next-token NLL) over every predicted token, log-softmax in float64
 on both sides. transformers runs the saved model (stock or per-block widths) in float32; llama.cpp runs
 each GGUF file on the CPU with its default f16 KV cache (--kv-type f32 for a float32 one).
@@ -50,15 +50,18 @@ TOKENIZER_SAMPLE_CHARS = 20_000
 
 
 def windows(model_dir: Path, text_source: str, seq_len: int, max_windows: int) -> tuple[list[list[int]], str]:
-    from transformers import AutoTokenizer
+    """The windows llm-bip measures perplexity on: bare, or BOS-first for the families that need it (Gemma)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    from llm_bip.data import load_text, tokenize
+    import llm_bip  # noqa: F401  (registers the per-block-widths classes)
+    from llm_bip.adapters import adapter_for
+    from llm_bip.data import load_text, text_windows, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    bos = tokenizer.bos_token_id if adapter_for(AutoConfig.from_pretrained(str(model_dir))).bos_per_window else None
     text = load_text(text_source, split="test")
     ids = tokenize(tokenizer, text)
-    count = min(ids.numel() // seq_len, max_windows)
-    return [ids[i * seq_len:(i + 1) * seq_len].tolist() for i in range(count)], text
+    return text_windows(ids, seq_len, max_windows, bos).tolist(), text
 
 
 def nll_sum(logits: np.ndarray, tokens: list[int]) -> float:

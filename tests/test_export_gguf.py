@@ -12,7 +12,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from conftest import tiny_from_config
 from llm_bip import api
@@ -21,19 +28,23 @@ from llm_bip.errors import LlmBipError
 from llm_bip.saving import save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+HEAD_DIM = 16
 
 CONFIGS = {
     "llama": (LlamaConfig, {"tie_word_embeddings": True}),
     "mistral": (MistralConfig, {"tie_word_embeddings": False}),
     "qwen2": (Qwen2Config, {"tie_word_embeddings": False}),
     "qwen3": (Qwen3Config, {"tie_word_embeddings": False}),
+    # Gemma 3 as llama.cpp's gemma3 runs it: a full-attention layer every 6th (none of 3), attention scaled
+    # by 1/sqrt(head_dim); random norms, so the +1 of Gemma's norm convention shows.
+    "gemma3_text": (Gemma3TextConfig, {"query_pre_attn_scalar": HEAD_DIM, "sliding_window": 512,
+                                       "layer_types": ["sliding_attention"] * 3}),
 }
 # Per layer: the KV groups kept (2 groups of 2 query heads each) and the FFN channels kept (of 96).
 FFN_ONLY = [([0, 1], 64)] * 3
 FEWER_HEADS = [([1], 64)] * 3
 PER_LAYER = [([0, 1], 80), ([1], 40), ([0], 64)]
 PER_LAYER_FFN = [([0, 1], 80), ([0, 1], 40), ([0, 1], 64)]
-HEAD_DIM = 16
 
 
 def _saved(tmp_path, tokenizer, family: str, layout, biases: bool = False, name: str = "model", **config):
@@ -124,7 +135,10 @@ def _llamacpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
     eps = fields[f"{arch}.attention.layer_norm_rms_epsilon"]
     base = fields[f"{arch}.rope.freq_base"]
     divisors = _value(tensors["rope_freqs.weight"]) if "rope_freqs.weight" in tensors else None
-    neox = arch in ("qwen2", "qwen3")
+    neox = arch in ("qwen2", "qwen3", "gemma3")
+    gemma = arch == "gemma3"  # norms after each sub-layer too, scaled embedding, GELU; 3 sliding layers: base 10k
+    if gemma:
+        base = 10000.0
 
     def w(name):
         return _value(tensors[name]) if name in tensors else None
@@ -134,6 +148,8 @@ def _llamacpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
         return y + w(f"{name}.bias") if f"{name}.bias" in tensors else y
 
     x = w("token_embd.weight")[ids]
+    if gemma:
+        x = x * fields[f"{arch}.embedding_length"] ** 0.5
     tokens = len(ids)
     mask = torch.full((tokens, tokens), float("-inf")).triu(1)
     for i in range(layers):
@@ -148,10 +164,13 @@ def _llamacpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,shd->hts", q, k) / d**0.5 + mask
         attn = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(tokens, heads[i] * d)
-        x = x + linear(attn, f"blk.{i}.attn_output")
+        out = linear(attn, f"blk.{i}.attn_output")
+        x = x + (_rms(out, w(f"blk.{i}.post_attention_norm.weight"), eps) if gemma else out)
         h = _rms(x, w(f"blk.{i}.ffn_norm.weight"), eps)
-        x = x + linear(torch.nn.functional.silu(linear(h, f"blk.{i}.ffn_gate")) * linear(h, f"blk.{i}.ffn_up"),
-                       f"blk.{i}.ffn_down")
+        gate = linear(h, f"blk.{i}.ffn_gate")
+        gate = torch.nn.functional.gelu(gate, approximate="tanh") if gemma else torch.nn.functional.silu(gate)
+        out = linear(gate * linear(h, f"blk.{i}.ffn_up"), f"blk.{i}.ffn_down")
+        x = x + (_rms(out, w(f"blk.{i}.post_ffw_norm.weight"), eps) if gemma else out)
     head = w("output.weight") if "output.weight" in tensors else w("token_embd.weight")
     return _rms(x, w("output_norm.weight"), eps) @ head.T
 
@@ -171,7 +190,7 @@ def _hf_logits(model) -> torch.Tensor:
 def test_uniform_export_metadata_tensors_and_logits(family, tmp_path, tokenizer):
     model_dir, model = _saved(tmp_path, tokenizer, family, FFN_ONLY)
     result = api.export_gguf(model_dir, tmp_path / "m.gguf", "f32")
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[family]
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}[family]
     assert result.architecture == arch and not result.per_layer
     fields, tensors = _read(result.path)
     config = json.loads((model_dir / "config.json").read_text())
@@ -199,21 +218,30 @@ def test_uniform_export_metadata_tensors_and_logits(family, tmp_path, tokenizer)
     block = ["attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
              "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
     block += {"qwen2": ["attn_q.bias", "attn_k.bias", "attn_v.bias"],
-              "qwen3": ["attn_q_norm.weight", "attn_k_norm.weight"]}.get(family, [])
+              "qwen3": ["attn_q_norm.weight", "attn_k_norm.weight"],
+              "gemma3_text": ["attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
+                              "post_ffw_norm.weight"]}.get(family, [])
     names = {"token_embd.weight", "output_norm.weight"} | {f"blk.{i}.{n}" for i in range(3) for n in block}
     if not config["tie_word_embeddings"]:
         names.add("output.weight")
     assert set(tensors) == names
+    if family == "gemma3_text":
+        assert fields["gemma3.attention.sliding_window"] == 512
     hf = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
           "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    if family == "gemma3_text":
+        hf.update(post_attention_norm="post_attention_layernorm", ffn_norm="pre_feedforward_layernorm",
+                  post_ffw_norm="post_feedforward_layernorm")
     for name, t in tensors.items():
         parts = name.split(".")
         source = (f"model.layers.{parts[1]}.{hf[parts[2]]}.{parts[3]}" if parts[0] == "blk"
                   else f"{hf[parts[0]]}.{parts[1]}")
         expected_tensor = _source(model_dir, source)
+        if family == "gemma3_text" and parts[-2].endswith("norm"):
+            expected_tensor = expected_tensor + 1  # Gemma scales by (1 + w); llama.cpp stores 1 + w
         assert t.tensor_type == gguf.GGMLQuantizationType.F32
         assert tuple(int(n) for n in t.shape) == tuple(reversed(expected_tensor.shape))  # GGML order: columns first
         value = _value(t)
@@ -409,6 +437,20 @@ def test_qwen3_with_per_layer_widths_is_refused(tmp_path, tokenizer):
     model_dir, _ = _saved(tmp_path, tokenizer, "qwen3", PER_LAYER)
     with pytest.raises(LlmBipError, match="no architecture with Qwen3's q/k norms and per-layer widths.*uniform"):
         api.export_gguf(model_dir, tmp_path / "m.gguf")
+
+
+def test_gemma3_that_llama_cpp_would_run_wrongly_is_refused(tmp_path, tokenizer):
+    model_dir, _ = _saved(tmp_path, tokenizer, "gemma3_text", PER_LAYER_FFN)
+    with pytest.raises(LlmBipError, match="gemma3 loader sizes every block from layer 0.*--allocation uniform"):
+        api.export_gguf(model_dir, tmp_path / "m.gguf")
+    model_dir, _ = _saved(tmp_path, tokenizer, "gemma3_text", FFN_ONLY, name="full-attention",
+                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    with pytest.raises(LlmBipError, match="every 6th layer as full attention"):
+        api.export_gguf(model_dir, tmp_path / "m.gguf")
+    model_dir, _ = _saved(tmp_path, tokenizer, "gemma3_text", FFN_ONLY, name="scalar", query_pre_attn_scalar=24)
+    with pytest.raises(LlmBipError, match="query_pre_attn_scalar 24 is not head_dim"):
+        api.export_gguf(model_dir, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_a_bias_llama_cpp_does_not_read_is_refused(tmp_path, tokenizer):

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # What `--type` may ask for. 4-bit: the gguf package quantizes Q4_0 (and Q4_1, Q5_0, Q5_1) but none of
 # the K-quants, so Q4_0 is the 4-bit type offered; llama.cpp's llama-quantize does better ones.
 TENSOR_TYPES = ("f16", "bf16", "f32", "q8_0", "q4_0")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 EXPORT_KEY = "llm_bip.exported_from"  # marks a file as ours (what a later --overwrite may replace)
 
 # The regexes of the Hugging Face pre-tokenizers llama.cpp reimplements under these names
@@ -54,6 +54,13 @@ _BLOCK_NAMES = {
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
+# Gemma 3 names its four norms differently: its post_attention_layernorm normalises the attention's
+# output (llama.cpp's post_attention_norm), and the norm in front of the FFN is pre_feedforward_layernorm.
+_GEMMA3_BLOCK_NAMES = {
+    **{hf: short for hf, short in _BLOCK_NAMES.items() if "layernorm" not in hf},
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}
 # Bias tensors each architecture's loader reads (optional or required); a bias outside this set is
 # dropped when it is all zeros and refused otherwise (llama.cpp fails on a tensor it does not read).
 _BIASES = {
@@ -61,6 +68,7 @@ _BIASES = {
     "deci": {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"},
     "qwen2": {"attn_q", "attn_k", "attn_v"},
     "qwen3": set(),
+    "gemma3": set(),
 }
 _REQUIRED_BIASES = {"qwen2": {"attn_q", "attn_k", "attn_v"}}
 
@@ -82,6 +90,7 @@ class _Tensor:
     qtype: object  # gguf.GGMLQuantizationType
     permute_heads: int = 0  # >0: reorder the rows of each of this many heads for llama.cpp's rotary layout
     data: np.ndarray | None = None
+    plus_one: bool = False  # a Gemma norm: Hugging Face stores w and scales by (1 + w), llama.cpp stores 1 + w
 
 
 @dataclass
@@ -235,7 +244,14 @@ class _Model:
                     f"(q_proj {self.layers[0].heads * self.head_dim} rows) but llama.cpp's qwen2 architecture "
                     f"needs q_proj and o_proj of hidden_size ({self.hidden}): prune Qwen2 without removing heads "
                     "(--head-ratio 0, the default for uniform pruning) for a GGUF export")
-            return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[self.family]
+            if self.family == "gemma3_text":
+                self._check_gemma3()
+            return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                    "gemma3_text": "gemma3"}[self.family]
+        if self.family == "gemma3_text":
+            raise LlmBipError("llama.cpp's gemma3 loader sizes every block from layer 0, so a Gemma 3 model with "
+                              "per-layer widths cannot be exported: prune with --allocation uniform for a GGUF "
+                              "export, or serve the per-block-widths model with transformers")
         if self.family == "qwen3":
             raise LlmBipError("llama.cpp has no architecture with Qwen3's q/k norms and per-layer widths (its qwen3 "
                               "loader sizes every block from layer 0): prune with --allocation uniform for a GGUF "
@@ -245,6 +261,29 @@ class _Model:
                               "loader sizes the q bias by hidden_size, so every block must keep all its query "
                               "heads: prune Qwen2 with --head-ratio 0 (channels only) or --allocation uniform")
         return "deci"
+
+    def _check_gemma3(self) -> None:
+        """What llama.cpp's gemma3 architecture fixes rather than reads: a full-attention layer every 6th
+        (the others slide over `sliding_window` tokens with rotary base 10,000), attention scaled by
+        1/sqrt(head_dim), no logit soft-capping. A model that differs (blocks removed whole, the 27B's
+        scaling) would load and give wrong outputs, so it is refused."""
+        config = self.config
+        types = config.get("layer_types") or []
+        expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_layers)]
+        if types and list(types) != expected:
+            raise LlmBipError("llama.cpp's gemma3 architecture takes every 6th layer as full attention and the rest as "
+                              "sliding; this model's layer_types differ (blocks removed whole change the pattern): "
+                              "prune Gemma 3 by width only (no --remove-blocks / --depth-ratio) for a GGUF export")
+        local = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+        if float(local.get("rope_theta", config.get("rope_local_base_freq", 10000.0))) != 10000.0:
+            raise LlmBipError("llama.cpp's gemma3 architecture fixes the sliding layers' rotary base at 10,000; this "
+                              "model's differs")
+        scalar = config.get("query_pre_attn_scalar")
+        if scalar is not None and int(scalar) != self.head_dim:
+            raise LlmBipError(f"query_pre_attn_scalar {scalar} is not head_dim ({self.head_dim}): llama.cpp's gemma3 "
+                              "scales attention by 1/sqrt(head_dim) for this size, so the export would be wrong")
+        if config.get("final_logit_softcapping") or config.get("attn_logit_softcapping"):
+            raise LlmBipError("llama.cpp's gemma3 architecture applies no logit soft-capping, which this model uses")
 
     # ------------------------------------------------------------------------------------ tensors
 
@@ -257,6 +296,8 @@ class _Model:
                   "q4_0": gguf.GGMLQuantizationType.Q4_0}[tensor_type]
         fallbacks: list[str] = []
         rope_permuted = arch in ("llama", "deci")  # llama.cpp's "normal" rotary pairs rows (i, i + d/2)
+        gemma = arch == "gemma3"
+        block_names = _GEMMA3_BLOCK_NAMES if gemma else _BLOCK_NAMES
 
         def pick(name: str, shape: tuple[int, ...], edge: bool = False) -> object:
             if len(shape) == 1:
@@ -281,7 +322,7 @@ class _Model:
             out.append(_Tensor("rope_freqs.weight", None, freqs.shape, gguf.GGMLQuantizationType.F32, data=freqs))
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
-            for hf, short in _BLOCK_NAMES.items():
+            for hf, short in block_names.items():
                 for kind in ("weight", "bias"):
                     source = f"{prefix}{hf}.{kind}"
                     if source not in self.names:
@@ -293,14 +334,15 @@ class _Model:
                     handled.add(source)
                     if kind == "bias" and not self._keep_bias(arch, short, source, shape, i):
                         continue
-                    if short in ("attn_q_norm", "attn_k_norm") and arch != "qwen3":
+                    if short in ("attn_q_norm", "attn_k_norm") and arch not in ("qwen3", "gemma3"):
                         raise LlmBipError(f"{source} (per-head q/k norms) has no place in llama.cpp's {arch}")
                     heads = 0
                     if rope_permuted and short in ("attn_q", "attn_k"):
                         heads = layer.heads if short == "attn_q" else layer.kv_heads
-                    out.append(_Tensor(name, source, shape, pick(name, shape), permute_heads=heads))
+                    out.append(_Tensor(name, source, shape, pick(name, shape), permute_heads=heads,
+                                       plus_one=gemma and short.endswith("norm")))
         out.append(_Tensor("output_norm.weight", "model.norm.weight", self.checkpoint.shape("model.norm.weight"),
-                           gguf.GGMLQuantizationType.F32))
+                           gguf.GGMLQuantizationType.F32, plus_one=gemma))
         if not self.tied:
             shape = self.checkpoint.shape("lm_head.weight")
             out.append(_Tensor("output.weight", "lm_head.weight", shape, pick("output.weight", shape, edge=True)))
@@ -374,6 +416,8 @@ class _Model:
         if t.data is not None:
             return torch.from_numpy(t.data)
         tensor = self.checkpoint.tensor(t.source)
+        if t.plus_one:
+            tensor = tensor.float() + 1
         if t.permute_heads:
             tensor = _rotary_rows(tensor, t.permute_heads)
         return tensor
@@ -415,7 +459,9 @@ class _Model:
             if rope.get("original_max_position_embeddings"):
                 writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
         window = config.get("sliding_window")
-        if window and (self.family == "mistral" or config.get("use_sliding_window")) and \
+        if arch == "gemma3":
+            writer.add_sliding_window(int(window))
+        elif window and (self.family == "mistral" or config.get("use_sliding_window")) and \
                 window < int(config.get("max_position_embeddings") or 0):
             # llama.cpp's llama / qwen2 architectures attend over the whole context
             log.warning("the model attends within a sliding window of %d tokens, which llama.cpp's %s does not "
@@ -469,6 +515,7 @@ class _Vocab:
     scores: list[float] | None
     pre: str | None
     special: object  # gguf.SpecialVocab: merges, bos/eos/pad ids, add_bos, chat template
+    add_space_prefix: bool | None = None  # SentencePiece's dummy prefix (llama.cpp assumes one unless told)
 
     @classmethod
     def read(cls, model_dir: Path, n_vocab: int) -> _Vocab:
@@ -496,7 +543,8 @@ class _Vocab:
             # so minus the id ranks merges as SentencePiece's scores do.
             tokens, types = _from_tokenizer_json(data, n_vocab, model_dir)
             scores = [-float(i) if t == gguf.TokenType.NORMAL else 0.0 for i, t in enumerate(types)]
-            return cls("llama", tokens, types, scores, None, gguf.SpecialVocab(model_dir, n_vocab=n_vocab))
+            return cls("llama", tokens, types, scores, None, gguf.SpecialVocab(model_dir, n_vocab=n_vocab),
+                       _prepends_space(data))
         if (model_dir / "tokenizer.model").is_file():
             raise LlmBipError(f"{model_dir} has only a SentencePiece tokenizer.model and the sentencepiece package is "
                               "not installed: install it, or save the tokenizer as tokenizer.json")
@@ -531,7 +579,22 @@ class _Vocab:
         if self.scores is not None:
             writer.add_token_scores(self.scores)
         writer.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
         self.special.add_to_gguf(writer, quiet=True)
+
+
+def _prepends_space(data: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (LLaMA 2, Mistral: a Prepend
+    normalizer or a Metaspace pre-tokenizer that prepends) or not (Gemma: spaces replaced, nothing added)."""
+    def parts(item: dict | None) -> list[dict]:
+        item = item or {}
+        return item.get("normalizers") or item.get("pretokenizers") or [item]
+
+    if any(p.get("type") == "Prepend" for p in parts(data.get("normalizer"))):
+        return True
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+               and p.get("add_prefix_space", True) for p in parts(data.get("pre_tokenizer")))
 
 
 def _from_tokenizer_json(data: dict, n_vocab: int, model_dir: Path) -> tuple[list[str], list[int]]:
