@@ -1,0 +1,105 @@
+"""Recovery at equal wall time and text (the quality issue): LoRA on the LM loss against distillation from
+the dense model, after the default prune of SmolLM2.
+
+    python benchmarks/bench_distill.py --ratio 0.2 --runs lora-lm full-kd --minutes 30 \
+        --out benchmarks/results/distill_smollm2.json
+
+Every run trains the same pruned model on the same text (the Wikipedia articles of the default
+calibration source, 256-token examples, one epoch at most) for at most `--minutes` of wall time, through
+`llm-bip recover` itself, in its own process; then WikiText-2 (@128, 150 windows; @2048, 40), Lee and
+20 Newsgroups (@128, 150 windows; @2048, 10) are measured as bench_quality.py measures them. Runs:
+
+    lora-lm   LoRA (r 8, lr 2e-4) on the language-model loss: the recipe of docs/results.md §5
+    lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
+    full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
+
+Runs whose result is already in `--out` are skipped, so the file fills run by run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import TEXTS, evaluate  # noqa: E402
+from llm_bip import api  # noqa: E402
+from llm_bip.data import load_text, tokenize  # noqa: E402
+from llm_bip.loading import default_model_gguf  # noqa: E402
+from llm_bip.saving import read_record  # noqa: E402
+
+COMMON = ["--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "256", "--val-set-size", "64",
+          "--warmup-steps", "10", "--epochs", "1", "--save-steps", "1000", "--quiet"]
+RUNS = {
+    "lora-lm": ["--lr", "2e-4"],
+    "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
+    "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
+}
+WINDOWS = {128: 150, 2048: 40, ("lee", 2048): 10, ("newsgroups", 2048): 10}
+
+
+def llm_bip(*args: str) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "llm-bip"), *args], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--work", help="folder for the pruned and trained models (default: a new temporary one)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="llm-bip-distill-"))
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    result.update(ratio=args.ratio, minutes=args.minutes, windows={str(k): v for k, v in WINDOWS.items()},
+                  torch_threads=torch.get_num_threads(),
+                  command="python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]))
+
+    pruned = work / f"pruned-{args.ratio}"
+    if not pruned.is_dir():
+        llm_bip("prune", "--ratio", str(args.ratio), "--output", str(pruned), "--eval", "none", "--quiet")
+    text = work / "wikipedia.txt"
+    text.write_text(load_text("wikipedia"))
+    teacher = str(default_model_gguf())
+
+    lm = api.load(str(pruned))
+    texts = {name: tokenize(lm.tokenizer, load_text(TEXTS[name], split="test")) for name in ("wikitext", "lee",
+                                                                                             "newsgroups")}
+    if "pruned" not in result:
+        result["pruned"] = evaluate(lm, texts, [128, 2048], WINDOWS)
+        out.write_text(json.dumps(result, indent=1))
+    print("pruned", result["pruned"], flush=True)
+
+    for name in args.runs:
+        if name in result["runs"]:
+            continue
+        trained = work / name
+        options = [a.format(teacher=teacher) for a in RUNS[name]]
+        started = time.perf_counter()
+        llm_bip("recover", "--model", str(pruned), "--data", str(text), "--output", str(trained), "--overwrite",
+                "--max-time", str(int(args.minutes * 60)), *COMMON, *options)
+        seconds = time.perf_counter() - started
+        recovery = (read_record(trained) or {}).get("recovery", {})
+        lm = api.load(str(trained))
+        result["runs"][name] = {
+            "options": options, "wall_seconds": seconds, "steps": recovery.get("steps"),
+            "total_steps": recovery.get("total_steps"), "stopped": recovery.get("stopped"),
+            "tokens_trained": recovery.get("tokens_trained"), "train_seconds": recovery.get("train_time_s"),
+            "trainable_params": recovery.get("trainable_params"),
+            "perplexity": evaluate(lm, texts, [128, 2048], WINDOWS),
+        }
+        out.write_text(json.dumps(result, indent=1))
+        print(name, result["runs"][name], flush=True)
+
+
+if __name__ == "__main__":
+    main()
