@@ -175,6 +175,12 @@ def test_plain_text_file_is_packed_into_cutoff_blocks(tokenizer, tmp_path):
     assert data.kind == "text" and len(data.val) == 3
     assert sum(len(ex.input_ids) != 64 for ex in data.train + data.val) <= 1  # only the last block is short
     assert all(ex.labels == ex.input_ids for ex in data.train)
+    # Gemma's blocks start with BOS (as its calibration and evaluation windows): the same text, one token
+    # fewer per block.
+    first = load_recovery_data(text, tokenizer, cutoff_len=64, val_set_size=3, seed=1, bos_id=7)
+    assert all(ex.input_ids[0] == 7 and len(ex.input_ids) <= 64 for ex in first.train + first.val)
+    stream = [t for ex in data.train + data.val for t in ex.input_ids]
+    assert sum(len(ex.input_ids) - 1 for ex in first.train + first.val) == len(stream)
 
 
 def test_instruction_prompt_is_masked_and_response_ends_with_eos(tokenizer, tmp_path):

@@ -79,14 +79,17 @@ def load_recovery_data(
     val_set_size: int,
     train_on_inputs: bool = False,
     seed: int = 42,
+    bos_id: int | None = None,
 ) -> RecoveryData:
     """Read, tokenize and split `data` into train and held-out examples.
 
     The held-out part is `val_set_size` examples, at most a tenth of the data (none below ten examples).
+    With `bos_id` (families whose every window starts with BOS, Gemma), each block of packed text starts
+    with it, as the model is calibrated, evaluated and run; prompts get it from the tokenizer itself.
     """
     kind, payload, source = _read(data)
     if kind == "text":
-        examples = _pack_text(payload, tokenizer, cutoff_len)
+        examples = _pack_text(payload, tokenizer, cutoff_len, bos_id)
         dropped = 0
     else:
         examples, dropped = _tokenize_instructions(payload, tokenizer, cutoff_len, train_on_inputs)
@@ -230,8 +233,10 @@ def _tokenize_instructions(
     return examples, dropped
 
 
-def _pack_text(texts: list[str], tokenizer: PreTrainedTokenizerBase, cutoff_len: int) -> list[Example]:
-    """Concatenate the documents (EOS between them) and cut the token stream into blocks of `cutoff_len`."""
+def _pack_text(texts: list[str], tokenizer: PreTrainedTokenizerBase, cutoff_len: int,
+               bos_id: int | None = None) -> list[Example]:
+    """Concatenate the documents (EOS between them) and cut the token stream into blocks of `cutoff_len`
+    (the BOS token and `cutoff_len - 1` tokens of text, with `bos_id`)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for i, text in enumerate(texts):
@@ -239,7 +244,10 @@ def _pack_text(texts: list[str], tokenizer: PreTrainedTokenizerBase, cutoff_len:
             stream.append(eos)
         for piece_ids in _tokenize_pieces(text, tokenizer):
             stream.extend(piece_ids)
-    blocks = [stream[s : s + cutoff_len] for s in range(0, len(stream), cutoff_len)]
+    length = cutoff_len - (bos_id is not None)
+    blocks = [stream[s : s + length] for s in range(0, len(stream), length)]
+    if bos_id is not None:
+        blocks = [[bos_id, *b] for b in blocks]
     return [Example(b, list(b)) for b in blocks if len(b) >= 2]
 
 

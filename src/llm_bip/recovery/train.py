@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_bip.adapters import adapter_for
 from llm_bip.errors import LlmBipError
 from llm_bip.recovery.checkpoint import (
     TrainingState,
@@ -136,7 +137,8 @@ def recover(
             "(pass the same pruned model as before, not the merged result)"
         )
     data_set = load_recovery_data(
-        data, tokenizer, config.cutoff_len, config.val_set_size, config.train_on_inputs, config.seed
+        data, tokenizer, config.cutoff_len, config.val_set_size, config.train_on_inputs, config.seed,
+        bos_id=_window_bos(model, tokenizer),
     )
     if ckpt is not None and ckpt.state.data_fingerprint != data_set.fingerprint:
         raise LlmBipError("cannot resume: the training data (or tokenizer) differs from the checkpoint's")
@@ -473,6 +475,15 @@ def _compute_context(model: nn.Module, dtype: str | None) -> AbstractContextMana
 def _title(trainer: str, objective: dict[str, Any]) -> str:
     what = "LoRA" if trainer == "lora" else "full fine-tuning"
     return f"{what} {'recovery' if objective['kind'] == 'lm' else 'distillation'}"
+
+
+def _window_bos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS token packed text blocks start with, for families that need one (Gemma; api.window_bos)."""
+    try:
+        needs = adapter_for(model).bos_per_window
+    except LlmBipError:  # a family llm-bip does not prune trains on text as it is
+        return None
+    return tokenizer.bos_token_id if needs else None
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
