@@ -58,7 +58,7 @@ def windows(model_dir: Path, text_source: str, seq_len: int, max_windows: int) -
     from llm_bip.data import load_text, text_windows, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    bos = tokenizer.bos_token_id if adapter_for(AutoConfig.from_pretrained(str(model_dir))).bos_per_window else None
+    bos = adapter_for(AutoConfig.from_pretrained(str(model_dir))).window_bos(tokenizer)
     text = load_text(text_source, split="test")
     ids = tokenize(tokenizer, text)
     return text_windows(ids, seq_len, max_windows, bos).tolist(), text

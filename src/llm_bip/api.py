@@ -73,22 +73,10 @@ def calibrate(
 ) -> tuple[torch.Tensor, dict]:
     """Seeded calibration samples from a text source, and a description of them for the record."""
     check_seq_len(loaded, seq_len)
-    bos = window_bos(loaded)
+    bos = loaded.adapter.window_bos(loaded.tokenizer)
     samples = calibration_samples(loaded.tokenizer, load_text(source, split="train"), num_samples, seq_len, seed, bos)
     return samples, {"source": str(source), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
                      **({"bos_per_window": True} if bos is not None else {})}
-
-
-def window_bos(loaded: LoadedModel) -> int | None:
-    """The token every window of text starts with, for families that need one (Gemma), else None."""
-    if not loaded.adapter.bos_per_window:
-        return None
-    bos = loaded.tokenizer.bos_token_id
-    if bos is None:
-        raise LlmBipError(f"{loaded.adapter.family} models need a BOS token at the start of every window, and this "
-                          "model's tokenizer has none: give the model's own tokenizer (tokenizer.json with its "
-                          "bos_token)")
-    return bos
 
 
 def score(
@@ -195,7 +183,7 @@ def evaluate(
     for seq_len in seq_lens:
         check_seq_len(loaded, seq_len, "evaluation length")
     results = {}
-    bos = window_bos(loaded)
+    bos = loaded.adapter.window_bos(loaded.tokenizer)
     for source in sources:
         ids = tokenized[source] if tokenized else tokenize(loaded.tokenizer, load_text(source, split="test"))
         for seq_len in seq_lens:

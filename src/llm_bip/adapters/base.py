@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_bip.errors import LlmBipError
 from llm_bip.widths import BlockWidths
 
 
@@ -104,6 +105,17 @@ class FamilyAdapter:
 
     def __init__(self, config) -> None:
         self.config = config
+
+    def window_bos(self, tokenizer) -> int | None:
+        """The token every window of text starts with (`bos_per_window`), else None; a tokenizer without
+        the BOS this family needs is refused."""
+        if not self.bos_per_window:
+            return None
+        if tokenizer.bos_token_id is None:
+            raise LlmBipError(f"{self.family} models need a BOS token at the start of every window, and this "
+                              "model's tokenizer has none: give the model's own tokenizer (tokenizer.json with its "
+                              "bos_token)")
+        return tokenizer.bos_token_id
 
     # ----------------------------------------------------------------------------------- layout
 

@@ -478,12 +478,12 @@ def _title(trainer: str, objective: dict[str, Any]) -> str:
 
 
 def _window_bos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The BOS token packed text blocks start with, for families that need one (Gemma; api.window_bos)."""
+    """The BOS token packed text blocks start with, for families that need one (FamilyAdapter.window_bos)."""
     try:
-        needs = adapter_for(model).bos_per_window
+        adapter = adapter_for(model)
     except LlmBipError:  # a family llm-bip does not prune trains on text as it is
         return None
-    return tokenizer.bos_token_id if needs else None
+    return adapter.window_bos(tokenizer)
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
