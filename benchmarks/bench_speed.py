@@ -91,6 +91,17 @@ def build(name: str, plan: dict, device: torch.device):
     return model
 
 
+def kv_bytes_per_token(model, plan: dict) -> int:
+    """The bf16 KV cache's bytes per token: K and V of every kept KV head in every block."""
+    return 2 * plan["blocks"] * BlockWidths.from_json(plan["widths"]).num_kv_heads * model.config.head_dim * 2
+
+
+def sizes(model, plan: dict) -> dict:
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+            "kv_cache_mib_per_1k_tokens": kv_bytes_per_token(model, plan) * 1000 / 2**20}
+
+
 @torch.no_grad()
 def time_model(model, device: torch.device, repeats: int) -> dict:
     """Prefill tokens/s at batch 1 and 8 and decoding tokens/s at batch 1, best of `repeats` after a warm-up."""
@@ -142,17 +153,12 @@ def interleaved(name: str, plans: list[dict], device: torch.device, rounds: int)
         print(f"round {r + 1}/{rounds}: dense prefill b1 {per_round[0][-1]['prefill_b1_tok_s']:.0f} tok/s", flush=True)
     out = []
     for plan, model, b, rounds_seen in zip(plans, models, best, per_round, strict=True):
-        widths = BlockWidths.from_json(plan["widths"])
-        kv = 2 * plan["blocks"] * widths.num_kv_heads * model.config.head_dim * 2
         # Paired ratios: each round's speed over dense's in the same round, so a slow phase of the host
         # divides out; their median is the figure to quote, the best-of-rounds ratio a cross-check.
         paired = {key.replace("tok_s", "paired_speedup"):
                   statistics.median(mine[key] / dense[key] for mine, dense in zip(rounds_seen, per_round[0], strict=True))
                   for key in rounds_seen[0]}
-        out.append({**plan, **b, **paired, "rounds": rounds_seen,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-                    "kv_cache_mib_per_1k_tokens": kv * 1000 / 2**20})
+        out.append({**plan, **b, **paired, "rounds": rounds_seen, **sizes(model, plan)})
     return out
 
 
@@ -161,19 +167,12 @@ def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> di
     """Runs in its own process: build the shape, time it, report its memory."""
     torch.manual_seed(0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = shaped(name, plan)
     model = build(name, plan, device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    parameters = sum(p.numel() for p in model.parameters())
-
     out = time_model(model, device, repeats)
-    widths = BlockWidths.from_json(plan["widths"])
-    kv_bytes_per_token = 2 * config.num_hidden_layers * widths.num_kv_heads * config.head_dim * 2
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024)
-    return {**out, "parameters": parameters, "weights_mib": weights / 2**20,
-            "kv_cache_mib_per_1k_tokens": kv_bytes_per_token * 1000 / 2**20,
-            "kv_cache_mib_b1": kv_bytes_per_token * (PROMPT + NEW_TOKENS) / 2**20,
+    return {**out, **sizes(model, plan),
+            "kv_cache_mib_b1": kv_bytes_per_token(model, plan) * (PROMPT + NEW_TOKENS) / 2**20,
             "peak_memory_mib": peak / 2**20, "peak_memory_kind": "cuda allocated" if device.type == "cuda"
             else "RSS high-water above the process before the model"}
 
