@@ -160,13 +160,51 @@ def test_cli_prunes_to_a_speed_target(cli_model, tmp_path):
     assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width", "--timing-table", str(table)) == 0
     record = json.loads((out / "pruning_record.json").read_text())
     assert record["speed_target"]["predicted_speedup"] >= 1.2 and record["speed_target"]["ratio"] > 0
+    assert "route_choice" not in record["speed_target"]
+
+
+def test_the_default_route_prunes_by_each_and_keeps_the_best_on_held_out_text(cli_model, tmp_path):
+    table = _fake_table_for(cli_model, tmp_path / "timing.json")
+    out = tmp_path / "auto"
+    assert _prune(cli_model, out, "--target-speedup", "1.3", "--timing-table", str(table)) == 0
+    speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]
+    choice = speed["route_choice"]
+    candidates = {c["route"]: c for c in choice["candidates"]}
+    assert set(candidates) == {"width", "mixed", "depth"}
+    assert all(c["predicted_speedup"] >= 1.3 and c["held_out_perplexity"] > 1 for c in candidates.values())
+    best = min(candidates.values(), key=lambda c: c["held_out_perplexity"])
+    assert speed["route"] == best["route"] and speed["ratio"] == best["ratio"]
+    assert speed["remove_blocks"] == best["remove_blocks"]
+    assert choice["held_out"]["windows"] > 0 and choice["held_out"]["overlap_with_calibration_tokens"] == 0
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert layers == 4 - best["remove_blocks"]
+
+
+def test_the_default_route_leaves_depth_out_where_width_options_are_given(cli_model, tmp_path):
+    table = _fake_table_for(cli_model, tmp_path / "timing.json")
+    out = tmp_path / "auto"
+    assert _prune(cli_model, out, "--target-speedup", "1.3", "--round-to", "4",
+                  "--timing-table", str(table)) == 0
+    choice = json.loads((out / "pruning_record.json").read_text())["speed_target"]["route_choice"]
+    assert [c["route"] for c in choice["candidates"]] == ["width", "mixed"]
+
+
+def test_the_default_route_is_refused_for_a_streamed_model_with_what_to_do(cli_model, tmp_path, capsys):
+    table = _fake_table_for(cli_model, tmp_path / "timing.json")
+    assert _prune(cli_model, tmp_path / "out", "--target-speedup", "1.3", "--streaming", "--timing-table",
+                  str(table)) != 0
+    assert "choose --speed-route width, mixed or depth" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert _prune(cli_model, tmp_path / "out", "--target-speedup", "9", "--timing-table", str(table)) != 0
+    assert "out of reach by width or mixed or depth on this device's timing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--target-speedup", "1.3", "--ratio", "0.2"], "leave out --ratio"),
     (["--target-speedup", "1.3", "--remove-blocks", "1"], "leave out --remove-blocks"),
     (["--speed-mode", "decode"], "cannot apply without --target-speedup"),
-    (["--target-speedup", "1.3", "--depth-share", "0.3"], "mixed only"),
+    (["--target-speedup", "1.3", "--speed-route", "depth", "--depth-share", "0.3"], "applies to --speed-route mixed"),
     (["--target-speedup", "0.5"], "factor above 1"),
     (["--target-speedup", "1.3", "--speed-route", "depth", "--allocation", "block-adaptive"], "whole blocks only"),
 ])

@@ -11,7 +11,7 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from llm_bip import api
-from llm_bip.data import calibration_samples, text_windows
+from llm_bip.data import calibration_samples, calibration_starts, held_out_windows, text_windows
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import compute_context, window_losses
 
@@ -68,3 +68,27 @@ def test_gemma_is_measured_on_bos_first_windows_and_llama_on_bare_ones():
 def test_gemma_without_a_bos_token_is_refused_with_what_to_do():
     with pytest.raises(LlmBipError, match="BOS token"):
         _evaluate("gemma2", SimpleNamespace(bos_token_id=None))
+
+
+def test_held_out_windows_share_no_token_with_the_calibration_samples():
+    ids = torch.arange(10_000)
+    samples = calibration_samples(_Tokens(ids), "text", 40, 64, seed=3)
+    taken = calibration_starts(ids.numel(), 40, 64, 3)
+    held = held_out_windows(ids, 64, 16, taken, 64)
+    assert held.shape == (16, 64)
+    assert not set(held.flatten().tolist()) & set(samples.flatten().tolist())
+    assert held[:, 0].tolist() == sorted(held[:, 0].tolist()) and held[-1, 0] > 5_000  # spread over the text
+    with_bos = held_out_windows(ids, 64, 16, taken, 64, bos_id=-1)
+    assert with_bos.shape == (16, 64) and (with_bos[:, 0] == -1).all()
+    with pytest.raises(LlmBipError, match="no 64-token window outside the calibration samples"):
+        held_out_windows(torch.arange(200), 64, 4, [0, 60, 120], 64)
+
+
+class _Tokens:
+    """A tokenizer whose text is already its ids (calibration_samples tokenizes through it)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __call__(self, _text, **_kwargs):
+        return {"input_ids": self.ids.tolist()}

@@ -12,7 +12,10 @@ Verbs: `load`, `calibrate`, `score`, `plan`, `plan_for_speed`, `prune`, `apply_p
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,10 +23,24 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm_bip.config import PruneConfig
-from llm_bip.data import DEFAULT_CALIBRATION, calibration_samples, load_text, text_windows, tokenize
+from llm_bip.data import (
+    DEFAULT_CALIBRATION,
+    calibration_samples,
+    calibration_starts,
+    held_out_windows,
+    load_text,
+    text_windows,
+    tokenize,
+)
 from llm_bip.devices import out_of_memory_is_an_error
 from llm_bip.errors import LlmBipError
-from llm_bip.evaluation.perplexity import DTYPES, compute_context, perplexity, window_batch_size
+from llm_bip.evaluation.perplexity import (
+    DTYPES,
+    compute_context,
+    perplexity,
+    window_batch_size,
+    windows_perplexity,
+)
 from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel, load_model
 from llm_bip.params import count_parameters
@@ -105,17 +122,41 @@ def check_config(loaded: LoadedModel, config: PruneConfig) -> None:
 
 
 def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, timing_table: str | Path | None = None,
-                   progress: bool = True) -> tuple[PruneConfig, dict]:
+                   progress: bool = True, samples: torch.Tensor | None = None, calibration: dict | None = None,
+                   batch_size: int = 8, dtype: str = "bfloat16",
+                   routes: tuple[str, ...] | None = None) -> tuple[PruneConfig, dict]:
     """`config` with the amounts (ratio and whole blocks) that meet a speed target on `loaded`'s device by
-    its timing table (measured once per device and model shape, cached), and what the record says about it."""
+    its timing table (measured once per device and model shape, cached), and what the record says about it.
+    Route "auto" (the default) needs the calibration `samples` and their `calibration` description: it prunes
+    a copy of the model by each route (`routes`, default width, mixed and depth) and keeps the route whose prune
+    is best on held-out calibration text."""
     from llm_bip.pipeline import costs_of
-    from llm_bip.speed.planner import plan_speed
     from llm_bip.speed.timing import timing_table as device_timing
 
     costs = costs_of(loaded)
     full = max((c.widths for c in costs), key=lambda w: (w.num_heads, w.channels))
     table = device_timing(loaded.model.config, loaded.adapter.family, full, loaded.adapter.head_dim, loaded.dtype,
                           loaded.device, target.mode, target.batch, target.seq_len, timing_table, progress)
+    if target.route != "auto":
+        return _plan_route(loaded, config, target, table, costs)
+    if samples is None or calibration is None:
+        raise LlmBipError("the speed route 'auto' prunes by each route and compares them on held-out calibration "
+                          "text: give the calibration samples and their description (api.calibrate)")
+    if loaded.streamed:
+        raise LlmBipError("--speed-route auto prunes a copy of the model in memory by each route to compare them; "
+                          "this model is streamed: choose --speed-route width, mixed or depth (docs/results.md §9 "
+                          "compares them on SmolLM2)")
+    return _choose_route(loaded, config, target, table, costs, samples, calibration, batch_size, dtype, progress,
+                         routes)
+
+
+# Held-out windows that judge auto's candidates: enough tokens for a stable mean loss, few next to the prunes.
+HELD_OUT_WINDOWS = 32
+
+
+def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, table, costs) -> tuple[PruneConfig, dict]:
+    from llm_bip.speed.planner import plan_speed
+
     speed = plan_speed(costs, count_parameters(loaded.model, loaded.adapter), config, table, target)
     planned = speed.config(config)
     record = {"target": target.speedup, "mode": target.mode, "batch": target.batch, "seq_len": target.seq_len,
@@ -126,6 +167,54 @@ def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget
     log.info("speed target %.2fx %s (batch %d) by %s: ratio %s, %d whole block(s); predicted %.3fx (%.2f -> %.2f ms)",
              target.speedup, target.mode, target.batch, target.route, speed.ratio, speed.remove_blocks,
              speed.predicted_speedup, speed.dense_ms, speed.pruned_ms)
+    return planned, record
+
+
+def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, table, costs, samples: torch.Tensor,
+                  calibration: dict, batch_size: int, dtype: str, progress: bool,
+                  routes: tuple[str, ...] | None) -> tuple[PruneConfig, dict]:
+    """Plan each route, prune a copy of the model by it, and keep the route with the lowest perplexity on
+    calibration-source windows that no calibration sample touches."""
+    from llm_bip.speed.planner import PLANNED_ROUTES
+
+    bos = loaded.adapter.window_bos(loaded.tokenizer)
+    ids = tokenize(loaded.tokenizer, load_text(calibration["source"], split="train"))
+    length = calibration["seq_len"] - (bos is not None)
+    taken = calibration_starts(ids.numel(), calibration["num_samples"], length, calibration["seed"])
+    held_out = held_out_windows(ids, calibration["seq_len"], HELD_OUT_WINDOWS, taken, length, bos)
+    candidates, best = [], None
+    routes = routes or PLANNED_ROUTES
+    unknown = [r for r in routes if r not in PLANNED_ROUTES]
+    if unknown:
+        raise LlmBipError(f"unknown speed route(s) {', '.join(unknown)}: choose from {', '.join(PLANNED_ROUTES)}")
+    for route in routes:
+        try:
+            planned, record = _plan_route(loaded, config, dataclasses.replace(target, route=route), table, costs)
+        except LlmBipError as exc:
+            candidates.append({"route": route, "unreachable": str(exc)})
+            continue
+        started = time.perf_counter()
+        trial = copy.deepcopy(loaded)
+        prune(trial, planned, samples, calibration, batch_size=batch_size, dtype=dtype, progress=False)
+        judged = windows_perplexity(trial.model, held_out, f"held-out ({route})", window_batch_size(batch_size,
+                                    held_out.shape[1]), dtype, progress=False)
+        del trial
+        candidate = {key: record[key] for key in ("route", "depth_share", "ratio", "remove_blocks", "predicted_speedup")}
+        candidate.update(held_out_perplexity=judged["perplexity"], seconds=time.perf_counter() - started)
+        candidates.append(candidate)
+        log.info("speed route %s: ratio %s, %d whole block(s), held-out perplexity %.2f", route, record["ratio"],
+                 record["remove_blocks"], judged["perplexity"])
+        if best is None or judged["perplexity"] < best[2]["held_out_perplexity"]:
+            best = (planned, record, candidate)
+    if best is None:
+        raise LlmBipError(f"a {target.speedup}x {target.mode} speed-up is out of reach by {' or '.join(routes)} on "
+                          "this device's timing: lower --target-speedup")
+    planned, record, _ = best
+    record["route_choice"] = {
+        "by": "the lowest perplexity of each route's prune on held-out windows of the calibration text",
+        "held_out": {"source": calibration["source"], "windows": held_out.shape[0], "seq_len": held_out.shape[1],
+                     "overlap_with_calibration_tokens": 0},
+        "candidates": candidates}
     return planned, record
 
 

@@ -173,9 +173,12 @@ def _add_speed_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed-seq-len", type=_positive,
                    help=f"prompt length / KV-cache length of the timing (default {SpeedTarget.seq_len})")
     g.add_argument("--speed-route", choices=ROUTES,
-                   help=f"where the removal comes from (default {SpeedTarget.route}; see docs/results.md §9)")
+                   help=f"where the removal comes from (default {SpeedTarget.route}: each of width, mixed and depth is "
+                        "planned and pruned, and the one with the lowest perplexity on held-out calibration text is "
+                        "kept, which costs three extra prunes; see docs/results.md §9)")
     g.add_argument("--depth-share", type=float,
-                   help=f"mixed route: share of the removed parameters taken as whole blocks (default "
+                   help=f"mixed route (and auto's mixed candidate): share of the removed parameters taken as whole "
+                        f"blocks (default "
                         f"{SpeedTarget.depth_share})")
     g.add_argument("--timing-table", help="read the timing table from this file (or time and write it there)")
 
@@ -196,8 +199,8 @@ def _speed_target(args):
     taken = _explicit(args, ("ratio", "depth_ratio", "remove_blocks")) + (["--plan"] if args.plan else [])
     if taken:
         raise LlmBipError(f"--target-speedup decides how much to remove: leave out {', '.join(taken)}")
-    if args.depth_share is not None and (args.speed_route or SpeedTarget.route) != "mixed":
-        raise LlmBipError("--depth-share applies to --speed-route mixed only")
+    if args.depth_share is not None and (args.speed_route or SpeedTarget.route) not in ("mixed", "auto"):
+        raise LlmBipError("--depth-share applies to --speed-route mixed (or auto's mixed candidate) only")
     fields = {"speedup": args.target_speedup, "mode": args.speed_mode, "batch": args.speed_batch,
               "seq_len": args.speed_seq_len, "route": args.speed_route, "depth_share": args.depth_share}
     return SpeedTarget(**{k: v for k, v in fields.items() if v is not None}).validate()
@@ -289,25 +292,29 @@ def cmd_prune(args) -> None:
     eval_sources = resolve_eval_sources(args.eval) if args.eval else []
     scores = ScoreTable.load(args.scores) if args.scores else None
     lm = _load(args, args.model)
+    api.check_seq_len(lm, args.seq_len)
+    for seq_len in args.eval_seq_len if eval_sources else ():
+        api.check_seq_len(lm, seq_len, "--eval-seq-len")
+    if speed_target is None:
+        _check_structure(lm, config, plan)  # before calibration, so a bad option fails fast
+    needs_calibration = plan is None or config.compensation != "none"
+    samples, info = (api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
+                     if needs_calibration else (None, {}))
     speed_record = None
-    if speed_target is not None:
-        config, speed_record = api.plan_for_speed(lm, config, speed_target, args.timing_table, not args.quiet)
+    if speed_target is not None:  # after calibration: the auto route prunes by each route to compare
+        # Options that shape widths cannot apply to a prune of whole blocks only: auto leaves depth out.
+        routes = ("width", "mixed") if _explicit(args, WIDTH_FIELDS) else None
+        config, speed_record = api.plan_for_speed(lm, config, speed_target, args.timing_table, not args.quiet,
+                                                  samples, info, args.batch_size, args.dtype, routes)
+        route = speed_record["route"] + (" (chosen on held-out text)" if "route_choice" in speed_record else "")
         print(f"speed target {speed_target.speedup}x ({speed_target.mode}, batch {speed_target.batch}) by "
-              f"{speed_target.route}: ratio {config.ratio}, {config.remove_blocks} whole block(s), predicted "
+              f"{route}: ratio {config.ratio}, {config.remove_blocks} whole block(s), predicted "
               f"{speed_record['predicted_speedup']:.3f}x on {speed_record['device']}")
         given = _explicit(args, WIDTH_FIELDS) if config.ratio is None else []
         if given:
             raise LlmBipError(f"{', '.join(given)} cannot apply: the speed target is met by removing whole blocks only "
                               "(nothing inside the other blocks is cut); use --speed-route width or mixed")
-    if plan is None:
-        api.check_config(lm, config)
-    config.validate_for(lm.adapter.num_blocks)
-    api.check_seq_len(lm, args.seq_len)
-    for seq_len in args.eval_seq_len if eval_sources else ():
-        api.check_seq_len(lm, seq_len, "--eval-seq-len")
-    needs_calibration = plan is None or config.compensation != "none"
-    samples, info = (api.calibrate(lm, args.calibration, args.num_samples, args.seq_len, args.seed)
-                     if needs_calibration else (None, {}))
+        _check_structure(lm, config, plan)
     if needs_calibration and any(api.short_name(s) == api.short_name(args.calibration) for s in eval_sources):
         log.warning("evaluating on the calibration text '%s': the numbers will be optimistic", args.calibration)
     progress = not args.quiet
@@ -343,6 +350,13 @@ def cmd_prune(args) -> None:
             _print_export(api.export_gguf(out, gguf_path, args.gguf_type or "f16", args.overwrite, inputs))
         except LlmBipError as exc:
             raise LlmBipError(f"the pruned model is saved in {out}, but not as GGUF: {exc}") from None
+
+
+def _check_structure(lm, config: PruneConfig, plan: PruningPlan | None) -> None:
+    """The prune's options against the model's shapes (no pass over it)."""
+    if plan is None:
+        api.check_config(lm, config)
+    config.validate_for(lm.adapter.num_blocks)
 
 
 def _check_gguf(args, inputs: tuple, out: Path) -> Path | None:

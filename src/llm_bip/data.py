@@ -244,10 +244,30 @@ def calibration_samples(
             f"calibration text has {ids.numel()} tokens, fewer than one sample of {seq_len}: "
             "give a longer text or a shorter --seq-len"
         )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - length, (num_samples,), generator=generator)
-    samples = torch.stack([ids[s : s + length] for s in starts.tolist()])
+    samples = torch.stack([ids[s : s + length] for s in calibration_starts(ids.numel(), num_samples, length, seed)])
     return with_bos(samples, bos_id)
+
+
+def calibration_starts(num_tokens: int, num_samples: int, length: int, seed: int) -> list[int]:
+    """Where calibration_samples' windows of `length` text tokens start in a text of `num_tokens`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_tokens - length, (num_samples,), generator=generator).tolist()
+
+
+def held_out_windows(ids: torch.Tensor, seq_len: int, num_windows: int, taken: list[int], taken_length: int,
+                     bos_id: int | None = None) -> torch.Tensor:
+    """Up to `num_windows` non-overlapping windows of `seq_len` tokens of `ids` that share no token with the
+    windows of `taken_length` starting at `taken` (the calibration samples), spread evenly over the text."""
+    length = seq_len - (bos_id is not None)
+    spans = sorted((s, s + taken_length) for s in taken)
+    free = [s for s in range(0, ids.numel() - length + 1, length)
+            if not any(a < s + length and s < b for a, b in spans)]
+    if not free:
+        raise LlmBipError(f"the calibration text has no {seq_len}-token window outside the calibration samples "
+                          "to judge on: give a longer text or fewer --num-samples")
+    step = len(free) / min(num_windows, len(free))
+    picks = [free[int(i * step)] for i in range(min(num_windows, len(free)))]
+    return with_bos(torch.stack([ids[s : s + length] for s in picks]), bos_id)
 
 
 def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, bos_id: int | None = None,

@@ -66,22 +66,29 @@ def perplexity(
     if ids is None:
         ids = tokenize(tokenizer, load_text(source, split="test"))
     data = text_windows(ids, seq_len, max_windows, bos_id, str(source))
-    windows = data.shape[0]
+    return {"source": str(source), **windows_perplexity(model, data, f"{source}@{seq_len}", batch_size, dtype, progress),
+            **({"bos_per_window": True} if bos_id is not None else {})}
+
+
+@torch.no_grad()
+def windows_perplexity(model: nn.Module, data: torch.Tensor, label: str, batch_size: int = 1,
+                       dtype: str = "bfloat16", progress: bool = True) -> dict:
+    """Perplexity of `model` over the token windows `data` (windows x length): exp of the mean window loss."""
+    if dtype not in DTYPES:
+        raise LlmBipError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    windows, seq_len = data.shape
     device = next(model.parameters()).device
     losses = []
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     with compute_context(model, dtype):
-        for i in tqdm(range(0, windows, batch_size), desc=f"perplexity {source}@{seq_len}", disable=not progress,
+        for i in tqdm(range(0, windows, batch_size), desc=f"perplexity {label}", disable=not progress,
                       leave=False):
             batch = data[i : i + batch_size].to(device)
             hidden = model.base_model(batch, use_cache=False).last_hidden_state
             losses += window_losses(model, hidden, batch).tolist()
     model.train(was_training)
     mean = sum(losses) / len(losses)
-    return {
-        "source": str(source), "seq_len": seq_len, "windows": windows, "tokens": windows * seq_len,
-        "perplexity": math.exp(mean), "dtype": dtype, "seconds": time.perf_counter() - start,
-        **({"bos_per_window": True} if bos_id is not None else {}),
-    }
+    return {"seq_len": seq_len, "windows": windows, "tokens": windows * seq_len, "perplexity": math.exp(mean),
+            "dtype": dtype, "seconds": time.perf_counter() - start}

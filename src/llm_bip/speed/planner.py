@@ -8,6 +8,11 @@ one of three routes:
 - depth: only whole blocks, the fewest that meet the target;
 - mixed: `depth_share` of the removed parameters from whole blocks, the rest from widths.
 
+The fourth, `auto` (the default), is not planned here: api.plan_for_speed plans each of the three, prunes
+a copy of the model by each, and keeps the one whose prune reads the lowest perplexity on calibration
+text held out from the calibration samples (docs/results.md §9 measured that no one route is best for
+quality at every speed; which is depends on the model).
+
 Which blocks and which channels go is still decided by the scores during the prune; the planner only
 decides how many. Removed blocks are predicted as the last prunable ones: every block of the supported
 models has the same shape, so which ones go does not change the time.
@@ -25,7 +30,8 @@ from llm_bip.params import BlockCosts
 from llm_bip.pipeline import depth_parameters, plan_widths
 from llm_bip.speed.timing import MODES, TimingTable
 
-ROUTES = ("width", "depth", "mixed")
+PLANNED_ROUTES = ("width", "mixed", "depth")
+ROUTES = (*PLANNED_ROUTES, "auto")
 RATIO_STEP = 1e-4  # ratios are searched to this step (rounded up, so the target stays met)
 
 
@@ -35,8 +41,8 @@ class SpeedTarget:
     mode: str = "prefill"  # prefill or decode
     batch: int = 1
     seq_len: int = 128  # prompt length (prefill) or KV-cache length (decode) the timing uses
-    route: str = "depth"
-    depth_share: float = 0.5  # mixed: share of the removed parameters that whole blocks give
+    route: str = "auto"
+    depth_share: float = 0.5  # mixed (and auto's mixed candidate): share of the removed parameters in whole blocks
 
     def validate(self) -> SpeedTarget:
         if not isinstance(self.speedup, int | float) or not 1 < self.speedup < 100:
@@ -69,6 +75,9 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
                target: SpeedTarget) -> SpeedPlan:
     """The smallest removal along `target.route` whose predicted speed-up meets `target.speedup`."""
     target.validate()
+    if target.route not in PLANNED_ROUTES:
+        raise LlmBipError(f"route '{target.route}' is chosen by pruning by each route and comparing: "
+                          "use api.plan_for_speed with the calibration samples")
     base = counts["total"] if config.ratio_of == "total" else counts["non_embedding"]
     candidates = config.depth_candidates(len(costs))
     dense_ms = table.model_ms([c.widths for c in costs])
@@ -124,7 +133,7 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
 
 def _unreachable(target: SpeedTarget, best: float | None, what: str) -> None:
     reach = f"at most {best:.2f}x" if best else "nothing"
-    other = [r for r in ROUTES if r != target.route]
+    other = [r for r in PLANNED_ROUTES if r != target.route]
     raise LlmBipError(f"a {target.speedup}x {target.mode} speed-up is out of reach by {target.route}: {what} gives "
                       f"{reach} on this device's timing; lower --target-speedup or try --speed-route "
                       f"{' or '.join(other)}")
