@@ -74,6 +74,18 @@ def shapes_for(name: str, ratios: list[float]) -> list[dict]:
     return plans
 
 
+def saved_plan(name: str, folder: str) -> dict:
+    """The shape of a pruned model saved by llm-bip in the stock format (uniform widths), as a plan."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("layer_widths"):
+        raise SystemExit(f"{folder} has per-block widths: only stock-format (uniform) prunes can be timed here")
+    if config["hidden_size"] != SHAPES[name]["hidden_size"]:
+        raise SystemExit(f"{folder} is not a pruned {name} (hidden size {config['hidden_size']})")
+    widths = BlockWidths(config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"])
+    return {"plan": Path(folder).name, "route": "saved", "blocks": config["num_hidden_layers"],
+            "widths": widths.to_json()}
+
+
 def shaped(name: str, plan: dict) -> LlamaConfig:
     config = base_config(name)
     widths = BlockWidths.from_json(plan["widths"])
@@ -199,7 +211,9 @@ def predict(name: str, plans: list[dict], device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.5])
+    parser.add_argument("--pruned", nargs="+", default=[], metavar="DIR",
+                        help="also time the shapes of these saved prunes of the model (e.g. a --target-speedup prune)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--predict", action="store_true", help="also predict each speed-up from the timing table")
@@ -214,6 +228,7 @@ def main() -> None:
         print(json.dumps(measure_one(args.model, json.loads(args.one), device, args.repeats)))
         return
     plans = shapes_for(args.model, args.ratios)
+    plans[-1:-1] = [saved_plan(args.model, folder) for folder in args.pruned]  # before "dense (again)"
     started = time.perf_counter()
     result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": "bfloat16",
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,

@@ -1,6 +1,6 @@
 """Perplexity against measured speed-up for width, depth and mixed plans of SmolLM2 (the speed issue's plot).
 
-    python benchmarks/plot_speed_quality.py --speed benchmarks/results/speed_smollm2.json \\
+    python benchmarks/plot_speed_quality.py --speed benchmarks/results/speed_smollm2_quiet.json \\
         --quality benchmarks/results/quality_smollm2_levers.json \\
         benchmarks/results/quality_smollm2.json --out docs/speed_quality_smollm2.png
 
@@ -20,8 +20,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROUTES = {"width": "default", "depth": "depth", "mixed": "mixed"}  # speed plan route -> quality variant
-PANELS = (("decode_b1_speedup", "decode, batch 1"), ("prefill_b1_speedup", "prefill, batch 1"),
-          ("prefill_b8_speedup", "prefill, batch 8"))
+PANELS = (("decode_b1", "decode, batch 1"), ("prefill_b1", "prefill, batch 1"), ("prefill_b8", "prefill, batch 8"))
+
+
+def speedup(plan: dict, measure: str) -> float:
+    """The paired speed-up (median of per-round ratios to dense) where the run has it, else the plain one."""
+    return plan.get(f"{measure}_paired_speedup", plan[f"{measure}_speedup"])
 
 
 def points(speed: dict, quality: dict, text: str) -> dict[str, list[tuple[float, dict, float]]]:
@@ -29,7 +33,7 @@ def points(speed: dict, quality: dict, text: str) -> dict[str, list[tuple[float,
     out: dict[str, list] = {}
     for plan in speed["plans"]:
         route = plan.get("route")
-        run = quality["runs"].get(f"{ROUTES.get(route)}@{plan['ratio']:g}") if route else None
+        run = quality["runs"].get(f"{ROUTES[route]}@{plan['ratio']:g}") if route in ROUTES else None
         if run and text in run["perplexity"]:
             out.setdefault(route, []).append((plan["ratio"], plan, run["perplexity"][text]))
     return {route: sorted(rows, key=lambda r: r[0]) for route, rows in out.items()}
@@ -53,7 +57,7 @@ def main() -> None:
     for ax, (key, title) in zip(axes, PANELS, strict=True):
         ax.scatter([1.0], [dense_ppl], color="black", zorder=3, label="dense")
         for route, series in rows.items():
-            xs, ys = [p[key] for _, p, _ in series], [ppl for *_, ppl in series]
+            xs, ys = [speedup(p, key) for _, p, _ in series], [ppl for *_, ppl in series]
             ax.plot(xs, ys, marker="o", label=route)
             for (ratio, _, _), x, y in zip(series, xs, ys, strict=True):
                 ax.annotate(f"{ratio:.0%}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
