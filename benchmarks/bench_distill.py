@@ -10,6 +10,7 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
 20 Newsgroups (@128, 150 windows; @2048, 10) are measured as bench_quality.py measures them. Runs:
 
     lora-lm   LoRA (r 8, lr 2e-4) on the language-model loss: the recipe of docs/results.md §5
+    lora-lm-1e-3  the same LoRA at lr 1e-3 (a short run's usual LoRA rate; 2e-4 is LLM-Pruner's for 2 epochs)
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
 
@@ -39,6 +40,7 @@ COMMON = ["--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "256",
           "--warmup-steps", "10", "--epochs", "1", "--save-steps", "1000", "--quiet"]
 RUNS = {
     "lora-lm": ["--lr", "2e-4"],
+    "lora-lm-1e-3": ["--lr", "1e-3"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
 }
