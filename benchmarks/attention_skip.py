@@ -4,7 +4,7 @@
 
 The same criterion as for whole blocks: how much a block's output changes when its attention is
 skipped, relative to the output, sum_t ||y_skip - y||^2 / sum_t ||y||^2 over the calibration tokens
-(Wikipedia text from gensim, 64 x 256, as the default prune), measured on the dense model's activations
+(Wikipedia text from gensim, 64 x 256, the default prune's until 2026-11-30), measured on the dense model's activations
 in one pass (each block also runs once more with its attention returning zeros). The lowest-scoring
 attention sub-layers go (block 0 never: the KV cache counts the sequence from layer 0). Perplexity on
 WikiText-2 (128 and 2048) and Lee, and the speed of the SmolLM2 shape with those attention sub-layers

@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 QWEN_TOOL = ROOT.parent / "shared" / "tools" / "get-qwen2.5-coder-0.5b.sh"
+# The calibration these benches were measured with (the default until 2026-11-30), pinned so they reproduce.
+PINNED_CALIBRATION = ("--num-samples", "64", "--seq-len", "256")
 
 
 # ------------------------------------------------------------------------------------ child runs
@@ -165,12 +167,12 @@ def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 def bench_tinyllama(work: Path) -> dict:
     shape = {"hidden": 2048, "heads": 32, "kv_heads": 4, "ffn": 5632}
-    result: dict = {"shape": shape, "calibration": "default (64 x 256 tokens of Wikipedia)", "ratio": 0.2, "runs": {}}
+    result: dict = {"shape": shape, "calibration": "64 x 256 tokens of Wikipedia", "ratio": 0.2, "runs": {}}
     for layers in (22, 44):
         model = work / f"tinyllama-{layers}"
         info = write_random_checkpoint(model, llama_config(shape["hidden"], layers, shape["heads"], shape["kv_heads"], shape["ffn"]))
         out = work / f"tinyllama-{layers}-pruned"
-        run = run_child(*prune_args(model, out, "--ratio", "0.2"))
+        run = run_child(*prune_args(model, out, "--ratio", "0.2", *PINNED_CALIBRATION))
         record = json.loads((out / "pruning_record.json").read_text())
         run.update(info, layers=layers, peak_over_size=run["peak_rss_mib"] * 2**20 / info["bytes_on_disk"],
                    prune_seconds=record["timings_seconds"]["prune"],
@@ -223,11 +225,11 @@ def bench_qwen(work: Path) -> dict:
     if not any(gguf_dir.glob("*.gguf")):
         subprocess.run(["bash", str(QWEN_TOOL), str(gguf_dir)], check=True)
     gguf = next(gguf_dir.glob("*.gguf"))
-    result: dict = {"model": gguf.name, "ratio": 0.2, "calibration": "default (64 x 256 tokens of Wikipedia)", "runs": {}}
+    result: dict = {"model": gguf.name, "ratio": 0.2, "calibration": "64 x 256 tokens of Wikipedia", "runs": {}}
     outputs = {}
     for mode in ("in_memory", "streamed"):
         out = work / f"qwen-{mode}"
-        argv = prune_args(gguf, out, "--ratio", "0.2")
+        argv = prune_args(gguf, out, "--ratio", "0.2", *PINNED_CALIBRATION)
         if mode == "in_memory":
             argv.remove("--streaming")
         result["runs"][mode] = run_child(*argv)

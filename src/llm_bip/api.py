@@ -25,6 +25,8 @@ import torch
 from llm_bip.config import PruneConfig
 from llm_bip.data import (
     DEFAULT_CALIBRATION,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SEQ_LEN,
     calibration_samples,
     calibration_starts,
     held_out_windows,
@@ -86,7 +88,8 @@ def check_seq_len(loaded_or_config, seq_len: int, what: str = "--seq-len") -> No
 
 
 def calibrate(
-    loaded: LoadedModel, source: str = DEFAULT_CALIBRATION, num_samples: int = 64, seq_len: int = 256, seed: int = 0
+    loaded: LoadedModel, source: str = DEFAULT_CALIBRATION, num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0
 ) -> tuple[torch.Tensor, dict]:
     """Seeded calibration samples from a text source, and a description of them for the record."""
     check_seq_len(loaded, seq_len)

@@ -28,7 +28,13 @@ from llm_bip import api
 from llm_bip.allocation import ALLOCATIONS
 from llm_bip.compensation import COMPENSATIONS
 from llm_bip.config import CALIBRATION_MODES, INTERCEPTS, RATIO_OF, REFIT_TARGETS, SELECTIONS, PruneConfig
-from llm_bip.data import DEFAULT_CALIBRATION, check_text_source, resolve_eval_sources
+from llm_bip.data import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    check_text_source,
+    resolve_eval_sources,
+)
 from llm_bip.devices import DEVICE_CHOICES
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import DTYPES
@@ -114,8 +120,8 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", default=DEFAULT_CALIBRATION,
                    help="wikipedia | lee (offline, from gensim) | wikitext2 | ptb | c4 | a .txt/.raw/.jsonl file")
-    g.add_argument("--num-samples", type=_positive, default=64)
-    g.add_argument("--seq-len", type=_positive, default=256)
+    g.add_argument("--num-samples", type=_positive, default=DEFAULT_NUM_SAMPLES)
+    g.add_argument("--seq-len", type=_positive, default=DEFAULT_SEQ_LEN)
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     g.add_argument("--batch-size", type=_positive, default=8, help="calibration sequences per forward pass")
 

@@ -17,7 +17,7 @@ from llm_bip.plan import GQA_MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llm_bip.data import DEFAULT_CALIBRATION
+    from llm_bip.data import DEFAULT_CALIBRATION, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
     from llm_bip.loading import DEFAULT_MODEL, WEIGHTS_DTYPES
 
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", default=DEFAULT_CALIBRATION)
-    g.add_argument("--num-samples", type=int, default=64)
-    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
+    g.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8, help="also the batch of Taylor's gradient pass")
     g = p.add_argument_group("evaluation")
