@@ -114,6 +114,28 @@ def test_measured_table_is_cached_and_checked(tmp_path, monkeypatch):
     files[0].write_text(json.dumps({"format": "something else"}))
     with pytest.raises(LlmBipError, match="not an llm-bip timing table"):
         timing.TimingTable.load(files[0])
+    with pytest.raises(LlmBipError, match="not an llm-bip timing table"):  # a file the user named: an error
+        timing.timing_table(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "decode", 1, 16,
+                            path=files[0])
+    # Our own cache file from an older llm-bip (or damaged) is timed again, not an error.
+    monkeypatch.setattr(timing, "measure", lambda *args, **kwargs: table)
+    for stale in (json.dumps({"format": "llm-bip-timing/1"}), "{damaged"):
+        files[0].write_text(stale)
+        again = timing.timing_table(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "decode", 1, 16)
+        assert again is table and json.loads(files[0].read_text())["format"] == timing.TIMING_FORMAT
+
+
+def test_timing_keeps_the_fastest_pass():
+    ticks = iter([0.0, 0.005, 10.0, 10.003, 20.0, 20.004])  # passes of 5, 3, 4 ms
+
+    class Model(torch.nn.Module):
+        config = TINY_CONFIGS["llama"]()
+
+        def forward(self, ids, use_cache=False):
+            return None
+
+    assert timing.time_pass(Model(), "prefill", 1, 4, 3, torch.device("cpu"), clock=lambda: next(ticks),
+                            warm_up=False) == pytest.approx(3.0)
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -32,11 +32,12 @@ from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
 
-TIMING_FORMAT = "llm-bip-timing/1"
+TIMING_FORMAT = "llm-bip-timing/2"  # /2: fastest of paired passes (/1: medians, timed one model after the other)
 MODES = ("prefill", "decode")
 CHANNEL_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 # Blocks in the two timed models: their difference is what blocks cost, the rest is fixed.
 FEW_BLOCKS, MORE_BLOCKS = 1, 3
+REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,10 @@ def shaped_config(config, widths: BlockWidths, head_dim: int, num_blocks: int):
 
 @torch.no_grad()
 def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repeats: int, device: torch.device,
-              clock: Callable[[], float] = time.perf_counter) -> float:
-    """Median milliseconds of one pass: prefill over batch x seq_len tokens, or one decoding step per sequence
-    with a KV cache of seq_len tokens (median over 8 steps in each repeat)."""
+              clock: Callable[[], float] = time.perf_counter, warm_up: bool = True) -> float:
+    """Milliseconds of one pass, the fastest of `repeats` (the host's other work only ever slows a pass down,
+    so the minimum is the least noisy estimate): prefill over batch x seq_len tokens, or one decoding step
+    per sequence with a KV cache of seq_len tokens (the fastest of 8 steps in each repeat)."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -191,7 +193,7 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
             torch.cuda.synchronize(device)
 
     samples = []
-    for repeat in range(repeats + 1):  # the first is a warm-up
+    for repeat in range(repeats + warm_up):
         if mode == "prefill":
             sync()
             start = clock()
@@ -209,15 +211,17 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
                 sync()
                 steps.append(clock() - start)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            elapsed = statistics.median(steps)
-        if repeat:
+            elapsed = min(steps)
+        if repeat or not warm_up:
             samples.append(elapsed * 1000)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
-            mode: str, batch: int, seq_len: int, repeats: int = 3, progress: bool = True) -> TimingTable:
-    """Time the grid of block shapes around `widths` (the model's full widths) on `device`."""
+            mode: str, batch: int, seq_len: int, repeats: int = REPEATS, progress: bool = True) -> TimingTable:
+    """Time the grid of block shapes around `widths` (the model's full widths) on `device`. The model with
+    more blocks and the one with fewer (the same model, its block list cut) are timed in turn, one pass
+    each, `repeats` times, so a slow phase of the host falls on both; each keeps its fastest pass."""
     from tqdm.auto import tqdm
 
     key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
@@ -227,17 +231,20 @@ def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torc
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(shaped_config(config, shape, head_dim, MORE_BLOCKS), dtype=dtype)
         model = model.to(device).eval()
-        more = time_pass(model, mode, batch, seq_len, repeats, device)
-        model.model.layers = model.model.layers[:FEW_BLOCKS]
-        model.config.num_hidden_layers = FEW_BLOCKS
-        few = time_pass(model, mode, batch, seq_len, repeats, device)
+        layers = {MORE_BLOCKS: model.model.layers, FEW_BLOCKS: model.model.layers[:FEW_BLOCKS]}
+        times: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
+        for repeat in range(repeats):
+            for count in (MORE_BLOCKS, FEW_BLOCKS):
+                model.model.layers, model.config.num_hidden_layers = layers[count], count
+                times[count].append(time_pass(model, mode, batch, seq_len, 1, device, warm_up=repeat == 0))
+        more, few = min(times[MORE_BLOCKS]), min(times[FEW_BLOCKS])
         block = max(0.0, (more - few) / (MORE_BLOCKS - FEW_BLOCKS))
         points.append((shape, block))
         fixed.append(few - FEW_BLOCKS * block)
         del model
     details = {"seconds": time.perf_counter() - started, "repeats": repeats, "fixed_ms_per_shape": fixed,
-               "method": f"median of {repeats} passes with {MORE_BLOCKS} blocks and with {FEW_BLOCKS}; "
-                         "block = difference / 2, fixed = the rest (median over shapes)"}
+               "method": f"fastest of {repeats} passes with {MORE_BLOCKS} blocks and with {FEW_BLOCKS}, timed in "
+                         "turn; block = difference / 2, fixed = the rest (median over shapes)"}
     return TimingTable(key, max(0.0, statistics.median(fixed)), points, details)
 
 
@@ -252,7 +259,9 @@ def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype:
     """The cached table for this key (in `path`, or the cache directory), timed and saved if there is none."""
     key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
     file = Path(path) if path else cache_dir() / f"{family}-{mode}-b{batch}-{key.digest()}.json"
-    if file.is_file():
+    if file.is_file() and not path and _format_of(file) != TIMING_FORMAT:
+        log.info("timing table %s is unreadable or from an older llm-bip: timing again", file)  # our own cache
+    elif file.is_file():
         table = TimingTable.load(file)
         if table.key == key:
             log.info("timing table %s (cached)", file)
@@ -264,6 +273,14 @@ def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype:
     table = measure(config, family, widths, head_dim, dtype, device, mode, batch, seq_len, progress=progress)
     table.save(file)
     return table
+
+
+def _format_of(file: Path) -> str | None:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def _difference(a: TimingKey, b: TimingKey) -> str:
