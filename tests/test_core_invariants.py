@@ -327,3 +327,37 @@ def test_centered_ffn_score_equals_the_change_after_bias_compensation(family):
         shift = column * stats.ffn_mean[k]  # the bias that compensation adds for this channel
         change = torch.sqrt(sum(((a - b - shift) ** 2).sum() for a, b in zip(dense.hidden, removed.hidden, strict=True)))
         assert torch.isclose(scores.channels[k], change, rtol=1e-3), (k, scores.channels[k], change)
+
+
+def test_gram_of_bf16_activations_is_float32_exact_and_leaves_the_matmul_precision_as_it_was():
+    from llm_bip.stats import _accumulate_gram
+
+    x = torch.randn(512, 96, generator=torch.Generator().manual_seed(0)) * 30
+    x[:, 3] *= 1e3  # a massive-activation channel, as Qwen's
+    x = x.bfloat16().float()  # activations computed in bf16
+    reference = x.double().T @ x.double()
+    before = torch.get_float32_matmul_precision()
+    total = _accumulate_gram(None, x[:256], 0, bf16_exact=True)
+    total = _accumulate_gram(total, x[256:], 0, bf16_exact=True)
+    assert torch.get_float32_matmul_precision() == before
+    assert total.dtype == torch.float32
+    scale = reference.diagonal().sqrt()
+    scale = scale[:, None] * scale[None, :]  # each entry's own scale, |G_ij| <= sqrt(G_ii G_jj)
+    error = ((total.double() - reference).abs() / scale).max()
+    float32 = ((x.T @ x).double() - reference).abs().div(scale).max()
+    rounded = ((x.bfloat16().T @ x.bfloat16()).double() - reference).abs().div(scale).max()  # the Qwen defect
+    assert error < 10 * float32 < rounded / 100  # float32 sums: no product or partial sum rounded to bf16
+    blocks = _accumulate_gram(None, x, 32, bf16_exact=True)
+    assert torch.allclose(blocks[:32, :32].double(), reference[:32, :32], rtol=1e-5)
+    assert (blocks[:32, 32:] == 0).all()
+
+
+def test_all_finite_sees_any_nan_or_inf():
+    from llm_bip.activations import all_finite
+
+    x = torch.randn(4, 8, 16).bfloat16()
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 5, 7] = bad
+        assert not all_finite(y)

@@ -19,6 +19,7 @@ least-squares fit of what the norm sees, weighted as the norm weighs it. Without
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,7 @@ def collect_block_stats(
 
     @float32
     def on_o_proj(_m, args, out):
+        exact = args[0].dtype == torch.bfloat16 and parts.attn_output_norm is None
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         stats.tokens += x.shape[0]
         if per_batch_sample:
@@ -129,7 +131,7 @@ def collect_block_stats(
             stats.attn_in_sample = _cat(stats.attn_in_sample, x[idx])
         x, root = _weighted(x, out, parts.attn_output_norm, weight_sums, "attn")
         stats.attn_sum = _add(stats.attn_sum, _weighted_sum(x, root))
-        stats.attn_gram = _accumulate_gram(stats.attn_gram, x, block_width)
+        stats.attn_gram = _accumulate_gram(stats.attn_gram, x, block_width, exact)
 
     def on_post_norm(_m, args):
         if per_batch_sample:
@@ -138,12 +140,13 @@ def collect_block_stats(
 
     @float32
     def on_down_proj(_m, args, out):
+        exact = args[0].dtype == torch.bfloat16 and parts.ffn_output_norm is None
         a, root = _weighted(args[0].reshape(-1, args[0].shape[-1]).float(), out, parts.ffn_output_norm, weight_sums,
                             "ffn")
         stats.ffn_sum = _add(stats.ffn_sum, _weighted_sum(a, root))
         stats.ffn_sq = _add(stats.ffn_sq, (a * a).sum(0))
         if request.ffn_gram:
-            stats.ffn_gram = _accumulate_gram(stats.ffn_gram, a, 0)
+            stats.ffn_gram = _accumulate_gram(stats.ffn_gram, a, 0, exact)
 
     def on_block_out(_m, args, out):
         skip, energy = skip_energies(args[0], out[0] if isinstance(out, tuple) else out)
@@ -217,13 +220,31 @@ def _normalise(stats: BlockStats, weight_sum: float, norm: nn.Module | None, fie
     return mean
 
 
-def _accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, block_width: int) -> torch.Tensor:
-    """total + x^T x, in place (a Gram matrix can be the largest tensor of a block's pass)."""
-    if total is None:
-        return _gram(x, block_width)
-    if not block_width or block_width == x.shape[1]:
-        return total.addmm_(x.T, x)
-    return total.add_(_gram(x, block_width))
+def _accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, block_width: int,
+                     bf16_exact: bool = False) -> torch.Tensor:
+    """total + x^T x in float32, in place (a Gram matrix can be the largest tensor of a block's pass).
+
+    With `bf16_exact` (x holds bfloat16 values, as activations computed in bf16 do), the products run on
+    bf16 matrix units with float32 accumulation and a float32 result: every product of two bf16 values is
+    exact in float32, so the result equals the float32 one up to summation order, at a third of the time
+    on AMX. (What broke Qwen's refit was rounding each batch's *result* to bf16; nothing is rounded here.)"""
+    with _bf16_products(bf16_exact):
+        if total is None:
+            return _gram(x, block_width)
+        if not block_width or block_width == x.shape[1]:
+            return total.addmm_(x.T, x)
+        return total.add_(_gram(x, block_width))
+
+
+@contextlib.contextmanager
+def _bf16_products(enabled: bool):
+    before = torch.get_float32_matmul_precision()
+    if enabled:
+        torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _gram(x: torch.Tensor, block_width: int) -> torch.Tensor:
