@@ -198,7 +198,8 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
             continue
         started = time.perf_counter()
         trial = copy.deepcopy(loaded)
-        prune(trial, planned, samples, calibration, batch_size=batch_size, dtype=dtype, progress=False)
+        log.info("speed route %s: pruning a copy by its plan to judge it", route)
+        prune(trial, planned, samples, calibration, batch_size=batch_size, dtype=dtype, progress=progress)
         judged = windows_perplexity(trial.model, held_out, f"held-out ({route})", window_batch_size(batch_size,
                                     held_out.shape[1]), dtype, progress=False)
         del trial
