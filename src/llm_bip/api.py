@@ -27,9 +27,8 @@ from llm_bip.data import (
     DEFAULT_CALIBRATION,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SEQ_LEN,
+    calibration_held_out,
     calibration_samples,
-    calibration_starts,
-    held_out_windows,
     load_text,
     text_windows,
     tokenize,
@@ -180,11 +179,9 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
     calibration-source windows that no calibration sample touches."""
     from llm_bip.speed.planner import PLANNED_ROUTES
 
-    bos = loaded.adapter.window_bos(loaded.tokenizer)
     ids = tokenize(loaded.tokenizer, load_text(calibration["source"], split="train"))
-    length = calibration["seq_len"] - (bos is not None)
-    taken = calibration_starts(ids.numel(), calibration["num_samples"], length, calibration["seed"])
-    held_out = held_out_windows(ids, calibration["seq_len"], HELD_OUT_WINDOWS, taken, length, bos)
+    held_out = calibration_held_out(ids, HELD_OUT_WINDOWS, calibration["num_samples"], calibration["seq_len"],
+                                    calibration["seed"], loaded.adapter.window_bos(loaded.tokenizer))
     candidates, best = [], None
     routes = routes or PLANNED_ROUTES
     unknown = [r for r in routes if r not in PLANNED_ROUTES]

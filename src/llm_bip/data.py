@@ -273,6 +273,15 @@ def held_out_windows(ids: torch.Tensor, seq_len: int, num_windows: int, taken: l
     return with_bos(torch.stack([ids[s : s + length] for s in picks]), bos_id)
 
 
+def calibration_held_out(ids: torch.Tensor, num_windows: int, num_samples: int, seq_len: int, seed: int,
+                         bos_id: int | None = None) -> torch.Tensor:
+    """held_out_windows of `seq_len` tokens of `ids` around the windows calibration_samples draws from the same
+    ids with the same `num_samples`, `seq_len`, `seed` and `bos_id`."""
+    length = seq_len - (bos_id is not None)
+    taken = calibration_starts(ids.numel(), num_samples, length, seed)
+    return held_out_windows(ids, seq_len, num_windows, taken, length, bos_id)
+
+
 def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, bos_id: int | None = None,
                  source: str = "the text") -> torch.Tensor:
     """The non-overlapping windows of `seq_len` tokens over `ids` that perplexity is measured on (at most
