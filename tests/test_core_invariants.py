@@ -361,3 +361,71 @@ def test_all_finite_sees_any_nan_or_inf():
         y = x.clone()
         y[2, 5, 7] = bad
         assert not all_finite(y)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_ffn_sublayer_from_the_kept_residuals_equals_the_block(family, autocast):
+    """The block's output rebuilt from the FFN residual inputs a statistics pass keeps (the sequential loop's
+    shortcut where the attention is unchanged) is the block's own output, bit for bit, also under bf16
+    autocast."""
+    from llm_bip.activations import run_block, run_ffn_sublayer
+
+    lm = tiny_model(family)
+    ids = tiny_samples()
+    inputs = capture_block_inputs(lm.model, lm.adapter, ids, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for layer, block in enumerate(lm.adapter.blocks(lm.model)):
+            stats, _ = collect_block_stats(block, lm.adapter.parts(block), inputs, StatsRequest(ffn_inputs=True), layer,
+                                           keep_outputs=False)
+            assert len(stats.ffn_inputs) == len(inputs.hidden)
+            rebuilt = run_ffn_sublayer(lm.adapter, block, stats.ffn_inputs, inputs, layer)
+            inputs = run_block(block, inputs, layer=layer)
+            assert all(torch.equal(a, b) for a, b in zip(rebuilt.hidden, inputs.hidden, strict=True)), layer
+            assert stats.ffn_inputs == [None] * len(inputs.hidden)  # each dropped once used
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_sequential_prune_is_the_same_with_and_without_the_ffn_shortcut(family, heads, monkeypatch):
+    """The shortcut is taken exactly where no head goes, and changes nothing: the pruned model is the one
+    the whole-block pass gives."""
+    import llm_bip.block_loop as block_loop
+
+    lm = tiny_model(family)
+    ids = tiny_samples()
+    calls = []
+    real = block_loop.run_ffn_sublayer
+    monkeypatch.setattr(block_loop, "run_ffn_sublayer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = PruneConfig(ratio=0.3, head_ratio=heads)
+    shortcut = copy.deepcopy(lm)
+    blocks = prune(shortcut, config, ids, progress=False).plan.blocks
+    all_heads = lm.model.config.num_attention_heads
+    expected = sum(b.widths.num_heads == all_heads for b in blocks)
+    assert len(calls) == expected and (expected == len(blocks) if heads == 0 else expected < len(blocks))
+    monkeypatch.setattr(block_loop, "_attention_state", lambda *_: None)  # never equal: the whole block runs
+    whole = copy.deepcopy(lm)
+    prune(whole, config, ids, progress=False)
+    assert len(calls) == expected
+    assert torch.equal(logits(shortcut, ids), logits(whole, ids))
+
+
+def test_a_compensation_that_writes_into_the_attention_turns_the_shortcut_off(monkeypatch):
+    """Even with every head kept, a block whose attention weights changed after its statistics pass is run
+    whole again (the kept residuals would be stale)."""
+    import llm_bip.block_loop as block_loop
+    from llm_bip.compensation import RefitCompensation
+
+    lm = tiny_model("llama")
+    ids = tiny_samples()
+    calls = []
+    monkeypatch.setattr(block_loop, "run_ffn_sublayer", lambda *a, **k: calls.append(1))
+    original = RefitCompensation.compensate
+
+    def compensate(self, adapter, block, plan, stats, inputs):
+        adapter.parts(block).o_proj.weight.mul_(0.5)
+        return original(self, adapter, block, plan, stats, inputs)
+
+    monkeypatch.setattr(RefitCompensation, "compensate", compensate)
+    prune(lm, PruneConfig(ratio=0.3), ids, progress=False)
+    assert calls == []

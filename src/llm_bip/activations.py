@@ -159,18 +159,43 @@ def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, 
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs_for(layer), strict=True):
         out = block(hidden, **kwargs)  # a block spread to another device by accelerate moves its inputs itself
         out = out[0] if isinstance(out, tuple) else out
-        if check_finite and not all_finite(out):
-            raise LlmBipError(
-                f"block {layer} produced NaN/Inf on the calibration data: load the weights in float32 "
-                "(--weights-dtype float32) or check the checkpoint"
-            )
+        _check(out, check_finite, layer)
         if keep_outputs:
             outputs.append(inputs.spill.keep(out) if inputs.spill else out)
+    _drop_autocast_copies()
+    return inputs.with_hidden(outputs) if keep_outputs else None
+
+
+@torch.no_grad()
+def run_ffn_sublayer(adapter: FamilyAdapter, block: nn.Module, residuals: list[torch.Tensor], inputs: BlockInputs,
+                     layer: int = -1) -> BlockInputs:
+    """Outputs of `block` on every batch from its FFN residual inputs (`stats.BlockStats.ffn_inputs`, gathered
+    while the block ran on `inputs`): what `run_block` gives when the attention is as it was then. Each
+    residual is dropped from `residuals` once used, so they and the outputs together hold one set."""
+    outputs = []
+    for i in range(len(residuals)):
+        residual, residuals[i] = residuals[i], None
+        out = adapter.ffn_sublayer(block, residual)
+        del residual
+        _check(out, True, layer)
+        outputs.append(inputs.spill.keep(out) if inputs.spill else out)
+    _drop_autocast_copies()
+    return inputs.with_hidden(outputs)
+
+
+def _check(out: torch.Tensor, check_finite: bool, layer: int) -> None:
+    if check_finite and not all_finite(out):
+        raise LlmBipError(
+            f"block {layer} produced NaN/Inf on the calibration data: load the weights in float32 "
+            "(--weights-dtype float32) or check the checkpoint"
+        )
+
+
+def _drop_autocast_copies() -> None:
     # Autocast keeps a low-precision copy of every weight it casts until its context exits; dropping
     # them per block holds memory to one block's copies (not the whole model's) and never lets a
     # stale copy outlive a weight that compensation rewrites in place.
     torch.clear_autocast_cache()
-    return inputs.with_hidden(outputs) if keep_outputs else None
 
 
 def full_precision():

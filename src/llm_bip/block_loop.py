@@ -2,8 +2,10 @@
 
 Catch the inputs of block 0 once, then for each block: gather its statistics in one pass over the
 calibration activations, score, select, compensate, cut, and pass the activations on (through the
-pruned block when sequential, the dense one when parallel). A block that depth pruning removes keeps
-nothing: sequentially its inputs go on unchanged, as they will in the pruned model; in parallel mode it
+pruned block when sequential, the dense one when parallel). Where the pruned block's attention is the
+one the statistics pass ran (every head kept, nothing written into it), only its FFN sub-layer runs
+again, on the residual stream the statistics pass kept: the same outputs, without the attention's
+work. A block that depth pruning removes keeps nothing: sequentially its inputs go on unchanged, as they will in the pruned model; in parallel mode it
 still runs, so the activations stay the dense model's. Only one block's activations are alive at a
 time. Where the blocks come from and where they go is a `BlockSource`: the model in memory, or (for
 models that do not fit) a checkpoint on disk, one block loaded, pruned, written and freed at a time.
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llm_bip.activations import BlockInputs, full_precision, run_block
+from llm_bip.activations import BlockInputs, full_precision, run_block, run_ffn_sublayer
 from llm_bip.adapters import FamilyAdapter
 from llm_bip.compensation import Compensator
 from llm_bip.plan import BlockPlan, select
@@ -148,13 +150,18 @@ def prune_blocks(
         scorer = None
         if selection.scores_in_loop():
             scorer = selection.scorer if cuts_heads or selection.scores_every_unit else selection.scorer.channels_only()
+        attention = _attention_state(adapter, block)
         if inputs is None:
             stats = BlockStats.from_scores(selection.table.scores[layer]) if selection.table else BlockStats()
             dense_out = None
         else:
             compensator.start_block(adapter, block, layer, inputs)
+            # Where every head stays, the pruned block's attention is the one this pass runs, so the next
+            # inputs follow from the FFN's residual inputs kept now (`run_ffn_sublayer`).
+            own = StatsRequest(block_energies=selection.scores_every_unit,
+                               ffn_inputs=selection.sequential and not cuts_heads)
             request = (scorer.stats_request() if scorer else StatsRequest()).union(
-                compensator.stats_request(geometry, target, inputs.num_tokens))
+                compensator.stats_request(geometry, target, inputs.num_tokens)).union(own)
             # Sequential calibration passes the pruned block's outputs on, so the dense ones are not kept.
             stats, dense_out = collect_block_stats(block, parts, inputs, request, layer, geometry.group_width,
                                                    keep_outputs=not selection.sequential)
@@ -173,7 +180,16 @@ def prune_blocks(
         if plan.widths != geometry.widths:
             cut_block(adapter, block, plan)
         if inputs is not None:
-            inputs = run_block(block, inputs, layer=layer) if selection.sequential else dense_out
+            if not selection.sequential:
+                inputs = dense_out
+            elif stats.ffn_inputs is not None and attention is not None and _attention_state(adapter, block) == attention:
+                template, inputs = inputs.with_hidden([]), None  # this block's inputs are no longer needed
+                result.inputs = None
+                inputs = run_ffn_sublayer(adapter, block, stats.ffn_inputs, template, layer)
+            else:
+                if stats.ffn_inputs:
+                    stats.ffn_inputs.clear()  # the attention changed after all: the whole block runs again
+                inputs = run_block(block, inputs, layer=layer)
         del stats, dense_out
         compensator.finish_block()
         result.plans.append(plan)
@@ -183,3 +199,16 @@ def prune_blocks(
             checkpoint.save(layer, result, compensator)
     bar.close()
     return result
+
+
+def _attention_state(adapter: FamilyAdapter, block: nn.Module) -> list[tuple[str, int, int]] | None:
+    """Identity and in-place version of every parameter of the block outside its FFN sub-layer: the same
+    before and after compensation and cutting means its attention computes as it did in the statistics
+    pass. None where the versions cannot be read (tensors made under inference mode): never equal."""
+    parts = adapter.parts(block)
+    ffn = {id(p) for module in (parts.post_attention_norm, parts.mlp, parts.ffn_output_norm) if module is not None
+           for p in module.parameters()}
+    try:
+        return [(name, id(p), p._version) for name, p in block.named_parameters() if id(p) not in ffn]
+    except RuntimeError:
+        return None

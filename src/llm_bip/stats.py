@@ -3,10 +3,11 @@
 Every scorer and compensator reads the same few sufficient statistics, so one pass serves them all:
 the Gram matrix and mean of o_proj's input (per-head norms of the attention output, FLAP's
 variance, bias compensation, refit; scorers need only its KV-group diagonal blocks, a third of the
-work, so the full matrix is computed only when a refit of o_proj asks for it), per-channel sums and squares of down_proj's input (the exact FFN
-score), optionally down_proj's full Gram (refit), the block output energy and how far the output is from
-the input (the block score of `depth.py`), and a small token sample of
-the FFN's residual input for the Lipschitz estimate.
+work, so the full matrix is computed only when a refit of o_proj asks for it), per-channel sums and
+squares of down_proj's input (the exact FFN score), optionally down_proj's full Gram (refit), the block
+output energy and how far the output is from the input (the block score of `depth.py`, for a score
+table), a small token sample of the FFN's residual input for the Lipschitz estimate, and, for the block
+loop's next pass, every token's FFN residual input.
 
 Where a norm sits on a sub-layer's output (Gemma 2/3: `BlockParts.attn_output_norm`, `ffn_output_norm`),
 the block output sees o_proj's output u_t through it: to first order a change d_t of u_t moves the
@@ -36,6 +37,12 @@ class StatsRequest:
     full_attn_gram: bool = False  # else only the diagonal blocks of one KV group's columns
     residual_sample: int = 0  # tokens of (FFN residual input, o_proj input) to keep, 0 = none
     seed: int = 0
+    # The block output energy and skip change (a score table's block scores and output norms): a pass that
+    # builds no table skips them.
+    block_energies: bool = False
+    # Keep every token's FFN input (the residual stream after attention): where the attention stays as it
+    # is, the pruned block's outputs follow from them without running the attention again.
+    ffn_inputs: bool = False
 
     def union(self, other: StatsRequest) -> StatsRequest:
         return StatsRequest(
@@ -43,6 +50,8 @@ class StatsRequest:
             full_attn_gram=self.full_attn_gram or other.full_attn_gram,
             residual_sample=max(self.residual_sample, other.residual_sample),
             seed=self.seed,
+            block_energies=self.block_energies or other.block_energies,
+            ffn_inputs=self.ffn_inputs or other.ffn_inputs,
         )
 
 
@@ -55,10 +64,12 @@ class BlockStats:
     ffn_sum: torch.Tensor | None = None  # [channels]
     ffn_sq: torch.Tensor | None = None  # [channels] sum of squares
     ffn_gram: torch.Tensor | None = None  # [channels, channels], only when requested
-    output_sq: float = 0.0  # sum over tokens of ||block output||^2
-    skip_sq: float = 0.0  # sum over tokens of ||block output - block input||^2 (what skipping the block changes)
+    # Only where requested (`StatsRequest.block_energies`), else None:
+    output_sq: float | None = None  # sum over tokens of ||block output||^2
+    skip_sq: float | None = None  # sum over tokens of ||block output - block input||^2 (what skipping it changes)
     residual_sample: torch.Tensor | None = None  # [S, hidden] FFN residual input h
     attn_in_sample: torch.Tensor | None = None  # [S, d_attn] o_proj inputs of the same tokens (unweighted)
+    ffn_inputs: list[torch.Tensor] | None = None  # each batch's FFN residual input, where requested
     # mean over tokens of 1 / rms(sub-layer output)^2 where a norm follows o_proj / down_proj (else 1): the
     # attn_* / ffn_* statistics above are weighted by it per token, normalised to mean 1
     attn_gain_sq: float = 1.0
@@ -100,7 +111,9 @@ def collect_block_stats(
     `keep_outputs` is off, when the caller will not use them) its outputs.
     With `group_width` (head_dim x heads per KV group) and no request for the full attention Gram,
     only its diagonal blocks of that width are computed (the rest stays zero)."""
-    stats = BlockStats()
+    stats = BlockStats(ffn_inputs=[] if request.ffn_inputs else None)
+    if request.block_energies:
+        stats.output_sq = stats.skip_sq = 0.0
     block_width = 0 if request.full_attn_gram else group_width
     stats.attn_gram_block = block_width
     generator = torch.Generator().manual_seed(request.seed + layer)
@@ -134,6 +147,8 @@ def collect_block_stats(
         stats.attn_gram = _accumulate_gram(stats.attn_gram, x, block_width, exact)
 
     def on_post_norm(_m, args):
+        if request.ffn_inputs:  # the very tensor the block adds the FFN's output to: no copy, no rounding
+            stats.ffn_inputs.append(inputs.spill.keep(args[0]) if inputs.spill else args[0])
         if per_batch_sample:
             h = args[0].reshape(-1, args[0].shape[-1]).float()
             stats.residual_sample = _cat(stats.residual_sample, h[pending["idx"]])
@@ -157,8 +172,9 @@ def collect_block_stats(
         parts.o_proj.register_forward_hook(on_o_proj),
         parts.post_attention_norm.register_forward_pre_hook(on_post_norm),
         parts.down_proj.register_forward_hook(on_down_proj),
-        block.register_forward_hook(on_block_out),
     ]
+    if request.block_energies:
+        handles.append(block.register_forward_hook(on_block_out))
     try:
         outputs = run_block(block, inputs, layer=layer, keep_outputs=keep_outputs)
     finally:

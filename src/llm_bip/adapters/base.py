@@ -151,6 +151,18 @@ class FamilyAdapter:
             gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj,
         )
 
+    def ffn_sublayer(self, block: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        """The block's output from its FFN residual input h (the residual stream once attention has added
+        to it): h + F(N2(h)), through the norm on the FFN's output where there is one. The block loop passes
+        calibration activations on with it where a block's attention did not change, instead of running
+        the attention again. A family whose block computes otherwise overrides it (a test checks it against
+        the block's own forward on every family)."""
+        p = self.parts(block)
+        out = p.mlp(p.post_attention_norm(residual))
+        if p.ffn_output_norm is not None:
+            out = p.ffn_output_norm(out)
+        return residual + out
+
     def widths(self, block: nn.Module) -> BlockWidths:
         """A block's widths, read from its weights."""
         p = self.parts(block)
@@ -276,7 +288,11 @@ class FamilyAdapter:
 
 @torch.no_grad()
 def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None) -> nn.Linear:
-    """A new `nn.Linear` holding the given output rows and input columns of `linear` (same dtype, device)."""
+    """A new `nn.Linear` holding the given output rows and input columns of `linear` (same dtype, device);
+    `linear` itself where both keep everything in order (no copy, and the block loop can tell that a
+    projection the plan leaves whole is untouched)."""
+    if _keeps_all(out_index, linear.out_features) and _keeps_all(in_index, linear.in_features):
+        return linear
     weight = linear.weight
     if out_index is not None:
         weight = weight.index_select(0, out_index.to(weight.device))
@@ -290,3 +306,7 @@ def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_in
     if bias is not None:
         new.bias.copy_(bias)
     return new
+
+
+def _keeps_all(index: torch.Tensor | None, size: int) -> bool:
+    return index is None or (len(index) == size and bool((index.cpu() == torch.arange(size)).all()))

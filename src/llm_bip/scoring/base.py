@@ -55,13 +55,14 @@ class BlockScores:
     heads: torch.Tensor  # [num_heads]
     groups: torch.Tensor  # [num_kv_heads]
     channels: torch.Tensor  # [channels]
-    output_norm: float  # ||y||_F of the block on the calibration data
+    output_norm: float | None  # ||y||_F of the block on the calibration data (None: not measured, see below)
     tokens: int
     attn_mean: torch.Tensor  # mean o_proj input, kept for bias compensation at re-plan time
     ffn_mean: torch.Tensor  # mean down_proj input
     lipschitz: float = 0.0
     # The whole block's score (depth.py): its relative change of the residual stream when skipped; None in
-    # score files made before blocks were scored.
+    # score files made before blocks were scored. Both are measured for score tables (`pipeline.score`); the
+    # block loop's own per-block scores during a prune leave them None.
     block_score: float | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -102,12 +103,12 @@ class Scorer:
             heads=heads.float().cpu(),
             groups=groups.float().cpu(),
             channels=channels.float().cpu(),
-            output_norm=stats.output_sq**0.5,
+            output_norm=None if stats.output_sq is None else stats.output_sq**0.5,
             tokens=stats.tokens,
             attn_mean=stats.attn_mean.cpu(),
             ffn_mean=stats.ffn_mean.cpu(),
             lipschitz=lipschitz,
-            block_score=block_score(stats.skip_sq, stats.output_sq),
+            block_score=None if stats.skip_sq is None else block_score(stats.skip_sq, stats.output_sq or 0.0),
         )
 
 
