@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # recovery imports peft: loaded only when a recovery runs
     from llm_bip.export_gguf import GGUFExport
     from llm_bip.recovery import DistillConfig, LoraRecoveryConfig, Teacher
     from llm_bip.speed.planner import SpeedTarget
+    from llm_bip.speed.rounding import RoundingSpec
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,8 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
         started = time.perf_counter()
         trial = copy.deepcopy(loaded)
         log.info("speed route %s: pruning a copy by its plan to judge it", route)
-        prune(trial, planned, samples, calibration, batch_size=batch_size, dtype=dtype, progress=progress)
+        prune(trial, planned, samples, calibration, batch_size=batch_size, dtype=dtype, progress=progress,
+              rounding=_rounding_for(target, planned))
         judged = windows_perplexity(trial.model, held_out, f"held-out ({route})", window_batch_size(batch_size,
                                     held_out.shape[1]), dtype, progress=False)
         del trial
@@ -222,15 +224,37 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
 def prune(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, calibration: dict | None = None,
     scores: ScoreTable | None = None, batch_size: int = 8, dtype: str = "bfloat16", progress: bool = True,
-    plan: PruningPlan | None = None,
+    plan: PruningPlan | None = None, rounding: RoundingSpec | None = None,
 ) -> PruneResult:
     """Score, plan, compensate and cut `loaded.model` in place. With `plan`, apply that plan's selections
-    (made for this model) with `config`'s compensation and calibration mode."""
+    (made for this model) with `config`'s compensation and calibration mode. With `config.round_to` "auto",
+    the FFN widths are rounded for the pass `rounding` names (default: prefill, batch 1, 128 tokens)."""
     check_batch_size(batch_size)
     if loaded.streamed:
         raise LlmBipError("a streamed model is pruned straight into its output: use api.prune_to_disk")
+    rounder = _rounder(loaded, config, rounding)
     with compute_context(loaded.model, dtype):
-        return _prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan)
+        return _prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan,
+                      rounder=rounder)
+
+
+def _rounding_for(target: SpeedTarget, config: PruneConfig) -> RoundingSpec | None:
+    from llm_bip.speed.rounding import RoundingSpec
+
+    return RoundingSpec(target.mode, target.batch, target.seq_len) if config.rounds_by_timing else None
+
+
+def _rounder(loaded: LoadedModel, config: PruneConfig, rounding: RoundingSpec | None):
+    """The device timer of the FFN that `round_to` "auto" rounds by (None otherwise)."""
+    from llm_bip.speed.rounding import RoundingSpec, device_timer
+
+    if not config.rounds_by_timing:
+        if rounding is not None:
+            raise LlmBipError("a rounding mode, batch or length applies with round-to auto only")
+        return None
+    full = max(widths_of(loaded), key=lambda w: (w.num_heads, w.channels))
+    return device_timer(loaded.model.config, loaded.adapter, full, loaded.dtype, loaded.device,
+                        (rounding or RoundingSpec()).validate())
 
 
 def prune_to_disk(
@@ -238,11 +262,16 @@ def prune_to_disk(
     calibration: dict | None = None, scores: ScoreTable | None = None, plan: PruningPlan | None = None,
     batch_size: int = 8, dtype: str = "bfloat16", save_dtype: torch.dtype | None = None, resume: bool = False,
     overwrite: bool = False, progress: bool = True, record: dict | None = None, inputs: tuple = (),
+    rounding: RoundingSpec | None = None,
 ) -> tuple[PruneResult, Path]:
     """Prune and save in one: a streamed model block by block into `out_dir` (resumable), a model in
     memory in place and then saved. The record (`result.report`) is what `pruning_record.json` holds."""
     check_batch_size(batch_size)
     if loaded.streamed:
+        if config.rounds_by_timing:
+            raise LlmBipError("round-to auto is not available with --streaming: a resumed run must plan the very "
+                              "widths the first one did, and timings vary from run to run; give a multiple "
+                              "(--round-to N) instead")
         from llm_bip.streamed_prune import prune_streamed
 
         with compute_context(loaded.model, dtype):
@@ -250,7 +279,7 @@ def prune_to_disk(
                                   resume, overwrite, progress, record, inputs)
     if resume:
         raise LlmBipError("--resume continues a streamed run: pass --streaming (a model in memory keeps no checkpoint)")
-    result = prune(loaded, config, samples, calibration, scores, batch_size, dtype, progress, plan)
+    result = prune(loaded, config, samples, calibration, scores, batch_size, dtype, progress, plan, rounding)
     result.report = dict(record or {}, **result.report)
     out = save(loaded, out_dir, result.report, overwrite, inputs, save_dtype)
     return result, out

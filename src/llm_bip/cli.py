@@ -140,7 +140,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gqa-mode", choices=GQA_MODES,
                    help="prune whole KV groups (default), or the same number of query heads in every group")
     g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
-    g.add_argument("--round-to", type=int, help="round kept FFN widths to a multiple of this (default 1)")
+    g.add_argument("--round-to", type=_round_to, metavar="N|auto",
+                   help="round kept FFN widths down to a multiple of N (default 1), or 'auto': to a width this "
+                        "device's timing of the FFN shows at least 5%% faster within 3%% below the planned one "
+                        "(for the pass --speed-mode/--speed-batch/--speed-seq-len name; timed in seconds)")
     g.add_argument("--head-ratio", type=_head_ratio,
                    help="uniform: fraction of head units to remove (default 0: FFN channels first, heads only when "
                         "channels run out); 'same' removes the same fraction as of channels")
@@ -163,6 +166,18 @@ def _add_repair(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selection", choices=SELECTIONS,
                    help=f"keep the top-scoring structures ('scores'), or remove those the refit makes up for best "
                         f"('refit-aware'); default {DEFAULTS.selection}")
+
+
+def _round_to(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"'{value}': give a positive integer, or auto")
+    return number
 
 
 def _add_speed_target(p: argparse.ArgumentParser) -> None:
@@ -190,6 +205,7 @@ def _add_speed_target(p: argparse.ArgumentParser) -> None:
 
 
 SPEED_FIELDS = ("speed_mode", "speed_batch", "speed_seq_len", "speed_route", "depth_share", "timing_table")
+PASS_FIELDS = ("speed_mode", "speed_batch", "speed_seq_len")  # the pass a target or round-to auto is for
 
 
 def _speed_target(args):
@@ -198,9 +214,12 @@ def _speed_target(args):
 
     given = [f for f in SPEED_FIELDS if getattr(args, f, None) is not None]
     if getattr(args, "target_speedup", None) is None:
+        if getattr(args, "round_to", None) == "auto":
+            given = [f for f in given if f not in PASS_FIELDS]  # they name the pass the widths are rounded for
         if given:
             raise LlmBipError(f"{', '.join('--' + f.replace('_', '-') for f in given)} cannot apply without "
-                              "--target-speedup")
+                              "--target-speedup" + (" (or, for the pass, --round-to auto)" if
+                                                    set(given) & set(PASS_FIELDS) else ""))
         return None
     taken = _explicit(args, ("ratio", "depth_ratio", "remove_blocks")) + (["--plan"] if args.plan else [])
     if taken:
@@ -210,6 +229,18 @@ def _speed_target(args):
     fields = {"speedup": args.target_speedup, "mode": args.speed_mode, "batch": args.speed_batch,
               "seq_len": args.speed_seq_len, "route": args.speed_route, "depth_share": args.depth_share}
     return SpeedTarget(**{k: v for k, v in fields.items() if v is not None}).validate()
+
+
+def _rounding(args, config: PruneConfig, target):
+    """The pass round-to auto rounds the widths for: the speed target's, else the one the options name."""
+    if not config.rounds_by_timing:
+        return None
+    from llm_bip.speed.rounding import RoundingSpec
+
+    if target is not None:
+        return RoundingSpec(target.mode, target.batch, target.seq_len)
+    fields = {"mode": args.speed_mode, "batch": args.speed_batch, "seq_len": args.speed_seq_len}
+    return RoundingSpec(**{k: v for k, v in fields.items() if v is not None}).validate()
 
 
 def _config(args) -> PruneConfig:
@@ -337,7 +368,8 @@ def cmd_prune(args) -> None:
     if speed_record is not None:
         record["speed_target"] = speed_record
     result, out = api.prune_to_disk(lm, config, samples, out, info, scores, plan, args.batch_size, args.dtype,
-                                    _save_dtype(args), args.resume, args.overwrite, progress, record, inputs)
+                                    _save_dtype(args), args.resume, args.overwrite, progress, record, inputs,
+                                    _rounding(args, config, speed_target))
     report = result.report
     pruned = _load(args, out, streaming=True) if lm.streamed else lm
     after = api.evaluate(pruned, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,

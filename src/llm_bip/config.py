@@ -36,7 +36,9 @@ class PruneConfig:
     allocation: str = "uniform"
     gqa_mode: str = "kv-groups"
     prunable_layers: tuple[int, ...] | None = None
-    round_to: int = 1
+    # Kept FFN widths rounded down to a multiple of this; "auto": to a width the device's own timing of the
+    # FFN shows clearly faster, where one lies close below (speed/rounding.py).
+    round_to: int | str = 1
     # Defaults measured on SmolLM2-135M (docs/results.md): heads cost far more quality per parameter
     # than FFN channels, so the uniform default takes channels first (heads only once channels run
     # out); sequential calibration with a least-squares refit beats parallel and bias compensation.
@@ -83,8 +85,8 @@ class PruneConfig:
         ):
             if value not in allowed:
                 raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise LlmBipError("round-to must be a positive integer")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise LlmBipError(f"round-to {self.round_to!r}: give a positive integer, or auto")
         if self.head_ratio is not None and not 0 <= self.head_ratio < 1:
             raise LlmBipError("head-ratio must be in [0, 1) (or 'same')")
         if self.prunable_layers is not None and (not self.prunable_layers or min(self.prunable_layers) < 0):
@@ -97,7 +99,7 @@ class PruneConfig:
         if self.method.startswith("taylor") and self.calibration_mode == "sequential":
             raise LlmBipError(f"{self.method} scores come from one gradient pass over the dense model: use "
                               "--calibration-mode parallel")
-        if self.allocation == "flap" and self.round_to > 1:
+        if self.allocation == "flap" and self.round_to != 1:
             raise LlmBipError("flap allocation does not round widths: use round-to 1")
         return self
 
@@ -121,6 +123,10 @@ class PruneConfig:
         return self
 
     @property
+    def rounds_by_timing(self) -> bool:
+        return self.round_to == "auto"
+
+    @property
     def removes_blocks(self) -> bool:
         return bool(self.depth_ratio or self.remove_blocks)
 
@@ -137,7 +143,7 @@ class PruneConfig:
     def allocation_config(self) -> AllocationConfig:
         return AllocationConfig(
             strategy=self.allocation, gqa_mode=self.gqa_mode, prunable_layers=self.prunable_layers,
-            round_to=self.round_to, head_ratio=self.head_ratio, max_block_ratio=self.max_block_ratio,
+            round_to=1 if self.rounds_by_timing else self.round_to, head_ratio=self.head_ratio, max_block_ratio=self.max_block_ratio,
         )
 
     def scorer(self) -> Scorer:

@@ -320,6 +320,11 @@ def _method(record: dict) -> str:
     for key, name in (("allocation", "allocation"), ("head_ratio", "head ratio"), ("gqa_mode", "GQA mode"),
                       ("round_to", "FFN widths rounded to a multiple of"), ("selection", "selection")):
         if key in options and not (key == "round_to" and options[key] == 1):
+            if key == "round_to" and options[key] == "auto":
+                rounded = (record.get("rounding") or {}).get("rounded") or {}
+                moves = ", ".join(f"{a} → {b}" for a, b in rounded.items()) or "none"
+                items.append(f"FFN widths rounded by the device's timing (`round-to auto`): {moves}")
+                continue
             value = "same as channels" if key == "head_ratio" and options[key] is None else options[key]
             items.append(f"{name}: `{value}`")
     if options.get("prunable_layers"):

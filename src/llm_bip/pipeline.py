@@ -38,6 +38,7 @@ from llm_bip.plan import BlockPlan, PruningPlan, select
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import Scorer
 from llm_bip.scoring.base import BlockGeometry
+from llm_bip.speed.rounding import Timer, round_widths
 from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,9 @@ def plan(table: ScoreTable, config: PruneConfig, embedding_parameters: int) -> P
     over the rest, then keep the best structures in each block."""
     num_blocks = len(table.costs)
     config.validate_for(num_blocks)
+    if config.rounds_by_timing:
+        raise LlmBipError("round-to auto times the FFN on the device, which a plan from saved scores does not have: "
+                          "prune the model with --round-to auto, or give a multiple")
     counts = counts_from_costs(table.costs, embedding_parameters)
     target = target_parameters(counts, config)
     check_depth_fits(table.costs, target, counts, config)
@@ -304,7 +308,7 @@ def prune(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int = 8,
     calibration: dict | None = None, scores: ScoreTable | None = None, progress: bool = True,
     fixed_plan: PruningPlan | None = None, source: BlockSource | None = None, checkpoint: Checkpoint | None = None,
-    resume: Resume | None = None, spill_dir: Path | None = None,
+    resume: Resume | None = None, spill_dir: Path | None = None, rounder: Timer | None = None,
 ) -> PruneResult:
     """Score (unless `scores` are given), remove blocks, allocate, select, compensate and cut `loaded.model`
     in place.
@@ -314,7 +318,8 @@ def prune(
     (parallel mode), no scoring pass runs; with sequential calibration and an adaptive allocation they
     decide the widths only, and every block is re-scored on the pruned model's activations (and blocks to
     remove are chosen by measuring them sequentially). Without a ratio (`config.ratio` None) only whole
-    blocks go: nothing is cut inside the others, so nothing is compensated."""
+    blocks go: nothing is cut inside the others, so nothing is compensated. With `config.round_to` "auto",
+    `rounder` times the FFN at the widths it is asked (speed.rounding.device_timer)."""
     config.validate_for(loaded.adapter.num_blocks)
     model, adapter = loaded.model, loaded.adapter
     started = time.perf_counter()
@@ -324,6 +329,7 @@ def prune(
     counts = count_parameters(model, adapter)
     scorer = config.scorer()
     compensator = config.compensator(loaded.adapter)
+    rounding = None
     if fixed_plan is not None:
         fixed_plan.check_model(fingerprint, "the plan")
         widths, target = [b.widths for b in fixed_plan.blocks], None
@@ -359,6 +365,8 @@ def prune(
         removed = depth_choice["removed"] if depth_choice else []
         widths = plan_widths(costs, width_target(costs, removed, target, counts, config), config, scores,
                              removed)  # fails fast, before any cutting
+        if config.rounds_by_timing:
+            widths, rounding = _round_by_timing(widths, costs, widths_too, rounder)
         if widths_too:
             selection = Selection(gqa_mode=config.gqa_mode, widths=widths, scorer=scorer,
                                   table=None if config.sequential else scores, sequential=config.sequential,
@@ -391,11 +399,24 @@ def prune(
         "source_fingerprint": fingerprint,
         "timings_seconds": timings,
     }
+    if rounding is not None:
+        report["rounding"] = rounding
     if fixed_plan is not None:
         report["applied_plan"] = {"fingerprint": fixed_plan.fingerprint, "meta": fixed_plan.meta}
     report["parameters_after"] = count_parameters(model, adapter)  # exact, compensation biases included
     report["plan"] = plan_.to_json()["blocks"]
     return PruneResult(plan=plan_, report=report, scores=scores, timings=timings)
+
+
+def _round_by_timing(widths: list[BlockWidths], costs: list[BlockCosts], widths_too: bool,
+                     rounder: Timer | None) -> tuple[list[BlockWidths], dict]:
+    if not widths_too:
+        raise LlmBipError("round-to auto rounds FFN widths, and this prune removes whole blocks only: give --ratio "
+                          "(or drop --round-to)")
+    if rounder is None:
+        raise LlmBipError("round-to auto needs the device's timing of the FFN: prune through llm_bip.api.prune or "
+                          "the CLI, or pass pipeline.prune a rounder (speed.rounding.device_timer)")
+    return round_widths(widths, [c.widths for c in costs], rounder)
 
 
 def _applied_config(config: PruneConfig) -> dict:
