@@ -11,7 +11,7 @@ from conftest import tiny_model, tiny_samples
 from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
 from llm_bip.speed import rounding
-from llm_bip.speed.rounding import MIN_GAIN, RoundingSpec, candidates, choose, round_widths
+from llm_bip.speed.rounding import MAX_CANDIDATES, MIN_GAIN, RoundingSpec, candidates, choose, round_widths
 from llm_bip.widths import BlockWidths
 from test_speed import _prune, cli_model  # noqa: F401 (a fixture)
 
@@ -20,6 +20,8 @@ def test_candidates_are_the_planned_width_and_the_multiples_of_8_within_3_percen
     assert candidates(1126) == [1126, 1120, 1112, 1104, 1096]  # down to 1126 - 33
     wide = candidates(4198)
     assert wide[0] == 4198 and all(c % 8 == 0 and 4198 - 125 <= c < 4198 for c in wide[1:])
+    llama70b = candidates(22937)  # 20% of Llama-70B's 28,672 channels: the step doubles to keep the count small
+    assert len(llama70b) <= MAX_CANDIDATES and all(c % 64 == 0 and c >= 22937 - 688 for c in llama70b[1:])
     assert candidates(64) == [64, 56]  # at least one step below
     assert candidates(5) == [5]  # no multiple of 8 below
 

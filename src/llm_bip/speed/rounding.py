@@ -30,7 +30,8 @@ from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
 
-STEP = 8  # candidate widths are multiples of this
+STEP = 8  # candidate widths are multiples of this (of a larger power of two where the window is wide)
+MAX_CANDIDATES = 16  # widths timed per planned width: a 70B model's window would otherwise hold 86
 WINDOW = 0.03  # at most this fraction of the planned width more is removed
 MIN_GAIN = 0.05  # the FFN must be at least this much faster than at the planned width (above the timing noise)
 ROUNDS = 7
@@ -54,9 +55,14 @@ class RoundingSpec:
 
 
 def candidates(width: int) -> list[int]:
-    """The planned width, then every multiple of STEP below it down to WINDOW of it (at least one step)."""
-    lowest = max(1, width - max(STEP, math.floor(WINDOW * width)))
-    below = range((width - 1) // STEP * STEP, lowest - 1, -STEP)
+    """The planned width, then every multiple of the step below it down to WINDOW of it (at least one STEP):
+    the step is STEP, doubled until at most MAX_CANDIDATES - 1 multiples lie in the window."""
+    span = max(STEP, math.floor(WINDOW * width))
+    lowest = max(1, width - span)
+    step = STEP
+    while span // step >= MAX_CANDIDATES:
+        step *= 2
+    below = range((width - 1) // step * step, lowest - 1, -step)
     return [width] + [c for c in below if c >= 1]
 
 
@@ -117,7 +123,8 @@ def device_timer(config, adapter, full: BlockWidths, dtype: torch.dtype, device:
 def time_ffn(config, adapter, full: BlockWidths, widths: list[int], dtype: torch.dtype, device: torch.device,
              spec: RoundingSpec, rounds: int = ROUNDS) -> dict[int, float]:
     """Milliseconds of one FFN sub-layer pass at each width: a block of the family with random weights, its
-    FFN cut to each width, run on random residual activations of the pass `spec` names."""
+    FFN cut to each width, run on random residual activations of the pass `spec` names. Each timed sample
+    cuts its own copy and frees it, so memory holds the block and one copy, whatever the number of widths."""
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
@@ -127,24 +134,21 @@ def time_ffn(config, adapter, full: BlockWidths, widths: list[int], dtype: torch
     del model
     heads = torch.arange(full.num_heads * adapter.head_dim)
     kv = torch.arange(full.num_kv_heads * adapter.head_dim)
-    blocks = {}
-    for width in widths:
-        blocks[width] = copy.deepcopy(block)
-        adapter.cut(blocks[width], heads, kv, torch.arange(width))
     tokens = spec.seq_len if spec.mode == "prefill" else 1
     generator = torch.Generator().manual_seed(0)
     h = torch.randn(spec.batch, tokens, config.hidden_size, generator=generator).to(device, dtype)
 
     def run(width: int, repeat: int) -> float:
+        cut = copy.deepcopy(block)
+        adapter.cut(cut, heads, kv, torch.arange(width))
+        adapter.ffn_sublayer(cut, h)  # warm-up: kernels chosen, caches filled
         _sync(device)
         start = time.perf_counter()
         for _ in range(repeat):
-            adapter.ffn_sublayer(blocks[width], h)
+            adapter.ffn_sublayer(cut, h)
         _sync(device)
         return (time.perf_counter() - start) / repeat
 
-    for width in widths:
-        run(width, 1)  # warm-up: kernels chosen, caches filled
     repeat = max(1, math.ceil(MIN_SAMPLE_SECONDS / max(run(widths[0], 1), 1e-7)))
     best = dict.fromkeys(widths, math.inf)
     order = list(widths)
