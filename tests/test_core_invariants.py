@@ -429,3 +429,19 @@ def test_a_compensation_that_writes_into_the_attention_turns_the_shortcut_off(mo
     monkeypatch.setattr(RefitCompensation, "compensate", compensate)
     prune(lm, PruneConfig(ratio=0.3), ids, progress=False)
     assert calls == []
+
+
+@pytest.mark.parametrize("options", [{"refit_target": "dense"}, {"compensation": "bias"}, {"selection": "refit-aware"},
+                                     {"compensation": "none"}])
+def test_every_repair_gives_the_same_prune_with_and_without_the_ffn_shortcut(options, monkeypatch):
+    import llm_bip.block_loop as block_loop
+
+    lm = tiny_model("qwen2")
+    ids = tiny_samples()
+    config = PruneConfig(ratio=0.3, **options)
+    shortcut = copy.deepcopy(lm)
+    prune(shortcut, config, ids, progress=False)
+    monkeypatch.setattr(block_loop, "_attention_state", lambda *_: None)
+    whole = copy.deepcopy(lm)
+    prune(whole, config, ids, progress=False)
+    assert torch.equal(logits(shortcut, ids), logits(whole, ids))
