@@ -64,6 +64,10 @@ class BlockInputs:
     def num_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Activations that stay alive beyond one batch: in disk-backed memory where these inputs spill."""
+        return self.spill.keep(tensor) if self.spill else tensor
+
     def kwargs_for(self, layer: int | None) -> list[dict]:
         """The keyword arguments of block `layer` (its index in the model the inputs were caught from),
         one dict per batch."""
@@ -161,7 +165,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, check_finite: bool = True, 
         out = out[0] if isinstance(out, tuple) else out
         _check(out, check_finite, layer)
         if keep_outputs:
-            outputs.append(inputs.spill.keep(out) if inputs.spill else out)
+            outputs.append(inputs.keep(out))
     _drop_autocast_copies()
     return inputs.with_hidden(outputs) if keep_outputs else None
 
@@ -178,7 +182,7 @@ def run_ffn_sublayer(adapter: FamilyAdapter, block: nn.Module, residuals: list[t
         out = adapter.ffn_sublayer(block, residual)
         del residual
         _check(out, True, layer)
-        outputs.append(inputs.spill.keep(out) if inputs.spill else out)
+        outputs.append(inputs.keep(out))
     _drop_autocast_copies()
     return inputs.with_hidden(outputs)
 

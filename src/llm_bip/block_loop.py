@@ -5,9 +5,9 @@ calibration activations, score, select, compensate, cut, and pass the activation
 pruned block when sequential, the dense one when parallel). Where the pruned block's attention is the
 one the statistics pass ran (every head kept, nothing written into it), only its FFN sub-layer runs
 again, on the residual stream the statistics pass kept: the same outputs, without the attention's
-work. A block that depth pruning removes keeps nothing: sequentially its inputs go on unchanged, as they will in the pruned model; in parallel mode it
-still runs, so the activations stay the dense model's. Only one block's activations are alive at a
-time. Where the blocks come from and where they go is a `BlockSource`: the model in memory, or (for
+work. A block that depth pruning removes keeps nothing: sequentially its inputs go on unchanged, as
+they will in the pruned model; in parallel mode it still runs, so the activations stay the dense
+model's. Only one block's activations are alive at a time. Where the blocks come from and where they go is a `BlockSource`: the model in memory, or (for
 models that do not fit) a checkpoint on disk, one block loaded, pruned, written and freed at a time.
 """
 
@@ -150,16 +150,17 @@ def prune_blocks(
         scorer = None
         if selection.scores_in_loop():
             scorer = selection.scorer if cuts_heads or selection.scores_every_unit else selection.scorer.channels_only()
-        attention = _attention_state(adapter, block)
+        # Where every head stays, the pruned block's attention is the one the statistics pass runs, so the next
+        # inputs follow from the FFN's residual inputs that pass keeps (`run_ffn_sublayer`), unless something
+        # writes into the attention on the way (checked against this state).
+        ffn_pass = inputs is not None and selection.sequential and not cuts_heads
+        attention = _attention_state(adapter, block) if ffn_pass else None
         if inputs is None:
             stats = BlockStats.from_scores(selection.table.scores[layer]) if selection.table else BlockStats()
             dense_out = None
         else:
             compensator.start_block(adapter, block, layer, inputs)
-            # Where every head stays, the pruned block's attention is the one this pass runs, so the next
-            # inputs follow from the FFN's residual inputs kept now (`run_ffn_sublayer`).
-            own = StatsRequest(block_energies=selection.scores_every_unit,
-                               ffn_inputs=selection.sequential and not cuts_heads)
+            own = StatsRequest(block_energies=selection.scores_every_unit, ffn_inputs=ffn_pass)
             request = (scorer.stats_request() if scorer else StatsRequest()).union(
                 compensator.stats_request(geometry, target, inputs.num_tokens)).union(own)
             # Sequential calibration passes the pruned block's outputs on, so the dense ones are not kept.
@@ -182,7 +183,7 @@ def prune_blocks(
         if inputs is not None:
             if not selection.sequential:
                 inputs = dense_out
-            elif stats.ffn_inputs is not None and attention is not None and _attention_state(adapter, block) == attention:
+            elif attention is not None and _attention_state(adapter, block) == attention:
                 template, inputs = inputs.with_hidden([]), None  # this block's inputs are no longer needed
                 result.inputs = None
                 inputs = run_ffn_sublayer(adapter, block, stats.ffn_inputs, template, layer)

@@ -208,8 +208,7 @@ def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, sel
     if resume is not None:
         start, result = resume.start, resume.result
         if inputs is not None:
-            keep = inputs.spill.keep if inputs.spill else (lambda t: t)
-            inputs = inputs.with_hidden([keep(h.to(loaded.device)) for h in resume.hidden])
+            inputs = inputs.with_hidden([inputs.keep(h.to(loaded.device)) for h in resume.hidden])
     with out_of_memory_is_an_error(loaded.device, "pruning"):
         return prune_blocks(source or blocks_of(loaded), loaded.adapter, inputs, selection, compensator, start,
                             result, checkpoint, progress)

@@ -148,7 +148,7 @@ def collect_block_stats(
 
     def on_post_norm(_m, args):
         if request.ffn_inputs:  # the very tensor the block adds the FFN's output to: no copy, no rounding
-            stats.ffn_inputs.append(inputs.spill.keep(args[0]) if inputs.spill else args[0])
+            stats.ffn_inputs.append(inputs.keep(args[0]))
         if per_batch_sample:
             h = args[0].reshape(-1, args[0].shape[-1]).float()
             stats.residual_sample = _cat(stats.residual_sample, h[pending["idx"]])
