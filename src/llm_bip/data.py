@@ -241,7 +241,7 @@ def calibration_samples(
     if num_samples < 1 or seq_len < 2:
         raise LlmBipError("calibration needs at least 1 sample of at least 2 tokens")
     ids = tokenize(tokenizer, text)
-    length = seq_len - (bos_id is not None)
+    length = text_length(seq_len, bos_id)
     if ids.numel() <= length:
         raise LlmBipError(
             f"calibration text has {ids.numel()} tokens, fewer than one sample of {seq_len}: "
@@ -261,7 +261,7 @@ def held_out_windows(ids: torch.Tensor, seq_len: int, num_windows: int, taken: l
                      bos_id: int | None = None) -> torch.Tensor:
     """Up to `num_windows` non-overlapping windows of `seq_len` tokens of `ids` that share no token with the
     windows of `taken_length` starting at `taken` (the calibration samples), spread evenly over the text."""
-    length = seq_len - (bos_id is not None)
+    length = text_length(seq_len, bos_id)
     spans = sorted((s, s + taken_length) for s in taken)
     free = [s for s in range(0, ids.numel() - length + 1, length)
             if not any(a < s + length and s < b for a, b in spans)]
@@ -277,7 +277,7 @@ def calibration_held_out(ids: torch.Tensor, num_windows: int, num_samples: int, 
                          bos_id: int | None = None) -> torch.Tensor:
     """held_out_windows of `seq_len` tokens of `ids` around the windows calibration_samples draws from the same
     ids with the same `num_samples`, `seq_len`, `seed` and `bos_id`."""
-    length = seq_len - (bos_id is not None)
+    length = text_length(seq_len, bos_id)
     taken = calibration_starts(ids.numel(), num_samples, length, seed)
     return held_out_windows(ids, seq_len, num_windows, taken, length, bos_id)
 
@@ -287,13 +287,18 @@ def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     """The non-overlapping windows of `seq_len` tokens over `ids` that perplexity is measured on (at most
     `max_windows`); with `bos_id`, each window is that token and the next `seq_len - 1` tokens of text, so
     every text token after a window's first is predicted once, as without it."""
-    length = seq_len - (bos_id is not None)
+    length = text_length(seq_len, bos_id)
     windows = ids.numel() // length
     if windows == 0:
         raise LlmBipError(f"evaluation text '{source}' has {ids.numel()} tokens, fewer than one window of {seq_len}")
     if max_windows:
         windows = min(windows, max_windows)
     return with_bos(ids[: windows * length].view(windows, length), bos_id)
+
+
+def text_length(seq_len: int, bos_id: int | None) -> int:
+    """Text tokens in a window of `seq_len` tokens: one fewer where every window starts with `bos_id`."""
+    return seq_len - (bos_id is not None)
 
 
 def with_bos(windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:

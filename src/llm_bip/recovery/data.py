@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from llm_bip.data import text_length
 from llm_bip.errors import LlmBipError
 
 DEFAULT_DATASET = "yahma/alpaca-cleaned"
@@ -244,7 +245,7 @@ def _pack_text(texts: list[str], tokenizer: PreTrainedTokenizerBase, cutoff_len:
             stream.append(eos)
         for piece_ids in _tokenize_pieces(text, tokenizer):
             stream.extend(piece_ids)
-    length = cutoff_len - (bos_id is not None)
+    length = text_length(cutoff_len, bos_id)
     blocks = [stream[s : s + length] for s in range(0, len(stream), length)]
     if bos_id is not None:
         blocks = [[bos_id, *b] for b in blocks]
