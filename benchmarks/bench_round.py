@@ -33,6 +33,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from llm_bip.speed.timing import synchronize
+
 SHAPES = {  # hidden size, dense FFN width, the default's kept widths at 20/30/50% (bench_speed.py's plans)
     "smollm2": (576, 1536, {"0.2": 1126, "0.3": 921, "0.5": 512}),
     "tinyllama": (2048, 5632, {"0.2": 4198, "0.5": 2048}),
@@ -52,12 +54,10 @@ def time_once(mlp: torch.nn.Module, x: torch.Tensor, device: torch.device, repea
     mlp(x)
     samples = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         mlp(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
 

@@ -34,6 +34,7 @@ from llm_bip.config import PruneConfig
 from llm_bip.devices import resolve_device
 from llm_bip.params import block_costs
 from llm_bip.pipeline import depth_parameters, plan_widths
+from llm_bip.speed.timing import synchronize
 from llm_bip.widths import BlockWidths
 
 SHAPES = {
@@ -117,20 +118,16 @@ def sizes(model, plan: dict) -> dict:
 @torch.no_grad()
 def time_model(model, device: torch.device, repeats: int) -> dict:
     """Prefill tokens/s at batch 1 and 8 and decoding tokens/s at batch 1, best of `repeats` after a warm-up."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     out = {}
     for batch in (1, 8):
         ids = torch.randint(100, 10000, (batch, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
         model(ids, use_cache=False)  # warm-up
         best = float("inf")
         for _ in range(repeats):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             model(ids, use_cache=False)
-            sync()
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
         out[f"prefill_b{batch}_tok_s"] = batch * PROMPT / best
         if batch == 1:
@@ -138,10 +135,10 @@ def time_model(model, device: torch.device, repeats: int) -> dict:
             model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
             best_decode = float("inf")
             for _ in range(repeats):
-                sync()
+                synchronize(device)
                 start = time.perf_counter()
                 model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-                sync()
+                synchronize(device)
                 best_decode = min(best_decode, max(time.perf_counter() - start - prefill, 1e-6))
             out["decode_b1_tok_s"] = NEW_TOKENS / best_decode
     return out

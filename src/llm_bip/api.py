@@ -241,7 +241,7 @@ def prune(
 def _rounding_for(target: SpeedTarget, config: PruneConfig) -> RoundingSpec | None:
     from llm_bip.speed.rounding import RoundingSpec
 
-    return RoundingSpec(target.mode, target.batch, target.seq_len) if config.rounds_by_timing else None
+    return RoundingSpec.of(target) if config.rounds_by_timing else None
 
 
 def _rounder(loaded: LoadedModel, config: PruneConfig, rounding: RoundingSpec | None):

@@ -238,7 +238,7 @@ def _rounding(args, config: PruneConfig, target):
     from llm_bip.speed.rounding import RoundingSpec
 
     if target is not None:
-        return RoundingSpec(target.mode, target.batch, target.seq_len)
+        return RoundingSpec.of(target)
     fields = {"mode": args.speed_mode, "batch": args.speed_batch, "seq_len": args.speed_seq_len}
     return RoundingSpec(**{k: v for k, v in fields.items() if v is not None}).validate()
 

@@ -28,7 +28,7 @@ from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
 from llm_bip.params import BlockCosts
 from llm_bip.pipeline import depth_parameters, plan_widths
-from llm_bip.speed.timing import MODES, TimingTable
+from llm_bip.speed.timing import TimingTable, check_pass
 
 PLANNED_ROUTES = ("width", "mixed", "depth")
 ROUTES = (*PLANNED_ROUTES, "auto")
@@ -47,12 +47,9 @@ class SpeedTarget:
     def validate(self) -> SpeedTarget:
         if not isinstance(self.speedup, int | float) or not 1 < self.speedup < 100:
             raise LlmBipError(f"target speed-up {self.speedup}: give a factor above 1, e.g. 1.3")
-        if self.mode not in MODES:
-            raise LlmBipError(f"unknown speed mode '{self.mode}': use one of {', '.join(MODES)}")
+        check_pass(self.mode, self.batch, self.seq_len)
         if self.route not in ROUTES:
             raise LlmBipError(f"unknown speed route '{self.route}': use one of {', '.join(ROUTES)}")
-        if self.batch < 1 or self.seq_len < 1:
-            raise LlmBipError("the speed batch and length must be at least 1")
         if not 0 < self.depth_share < 1:
             raise LlmBipError(f"depth share {self.depth_share}: give a fraction in (0, 1) (mixed route)")
         return self

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_bip.errors import LlmBipError
-from llm_bip.speed.timing import MODES, device_name, shaped_config
+from llm_bip.speed.timing import check_pass, device_name, shaped_config, synchronize
 from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,13 @@ class RoundingSpec:
     batch: int = 1
     seq_len: int = 128  # prefill tokens per sequence (decoding times one token per sequence)
 
+    @classmethod
+    def of(cls, target) -> RoundingSpec:
+        """The pass a speed target (`planner.SpeedTarget`) is of."""
+        return cls(target.mode, target.batch, target.seq_len)
+
     def validate(self) -> RoundingSpec:
-        if self.mode not in MODES:
-            raise LlmBipError(f"unknown speed mode '{self.mode}': use one of {', '.join(MODES)}")
-        if self.batch < 1 or self.seq_len < 1:
-            raise LlmBipError("the speed batch and length must be at least 1")
+        check_pass(self.mode, self.batch, self.seq_len)
         return self
 
 
@@ -142,11 +143,11 @@ def time_ffn(config, adapter, full: BlockWidths, widths: list[int], dtype: torch
         cut = copy.deepcopy(block)
         adapter.cut(cut, heads, kv, torch.arange(width))
         adapter.ffn_sublayer(cut, h)  # warm-up: kernels chosen, caches filled
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeat):
             adapter.ffn_sublayer(cut, h)
-        _sync(device)
+        synchronize(device)
         return (time.perf_counter() - start) / repeat
 
     repeat = max(1, math.ceil(MIN_SAMPLE_SECONDS / max(run(widths[0], 1), 1e-7)))
@@ -160,8 +161,3 @@ def time_ffn(config, adapter, full: BlockWidths, widths: list[int], dtype: torch
     log.info("round-to auto: timed the FFN at %d widths (%s, batch %d) in %.1f s", len(widths), spec.mode, spec.batch,
              time.perf_counter() - started)
     return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -138,10 +138,23 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}:{os.cpu_count()}cores:{torch.get_num_threads()}threads"
 
 
-def timing_key(config, family: str, dtype: torch.dtype, device: torch.device, mode: str, batch: int,
-               seq_len: int, widths: BlockWidths, head_dim: int) -> TimingKey:
+def check_pass(mode: str, batch: int, seq_len: int) -> None:
+    """The pass a speed-up is of (a speed target's, a timing's, round-to auto's): a known mode, sizes >= 1."""
     if mode not in MODES:
         raise LlmBipError(f"unknown speed mode '{mode}': use one of {', '.join(MODES)}")
+    if batch < 1 or seq_len < 1:
+        raise LlmBipError("the speed batch and length must be at least 1")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it times the work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timing_key(config, family: str, dtype: torch.dtype, device: torch.device, mode: str, batch: int,
+               seq_len: int, widths: BlockWidths, head_dim: int) -> TimingKey:
+    check_pass(mode, batch, seq_len)
     return TimingKey(family, config.hidden_size, widths.num_heads, widths.num_kv_heads, head_dim, widths.channels,
                      config.vocab_size, str(dtype).removeprefix("torch."), device_name(device), torch.__version__,
                      mode, batch, seq_len)
@@ -188,27 +201,23 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     samples = []
     for repeat in range(repeats + warm_up):
         if mode == "prefill":
-            sync()
+            synchronize(device)
             start = clock()
             model(ids, use_cache=False)
-            sync()
+            synchronize(device)
             elapsed = clock() - start
         else:
             out = model(ids, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             steps = []
             for _ in range(8):
-                sync()
+                synchronize(device)
                 start = clock()
                 out = model(token, past_key_values=cache, use_cache=True)
-                sync()
+                synchronize(device)
                 steps.append(clock() - start)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             elapsed = min(steps)
@@ -259,10 +268,16 @@ def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype:
     """The cached table for this key (in `path`, or the cache directory), timed and saved if there is none."""
     key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
     file = Path(path) if path else cache_dir() / f"{family}-{mode}-b{batch}-{key.digest()}.json"
-    if file.is_file() and not path and _format_of(file) != TIMING_FORMAT:
-        log.info("timing table %s is unreadable or from an older llm-bip: timing again", file)  # our own cache
+    table = None
+    if file.is_file() and path:
+        table = TimingTable.load(file)  # the user's file: unreadable or damaged is an error
     elif file.is_file():
-        table = TimingTable.load(file)
+        data = _read_json(file)
+        if not isinstance(data, dict) or data.get("format") != TIMING_FORMAT:
+            log.info("timing table %s is unreadable or from an older llm-bip: timing again", file)  # our own cache
+        else:
+            table = TimingTable.from_json(data, str(file))
+    if table is not None:
         if table.key == key:
             log.info("timing table %s (cached)", file)
             return table
@@ -275,12 +290,12 @@ def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype:
     return table
 
 
-def _format_of(file: Path) -> str | None:
+def _read_json(file: Path):
+    """The file's JSON, or None where it cannot be read or parsed."""
     try:
-        data = json.loads(file.read_text())
+        return json.loads(file.read_text())
     except (OSError, ValueError):
         return None
-    return data.get("format") if isinstance(data, dict) else None
 
 
 def _difference(a: TimingKey, b: TimingKey) -> str:
