@@ -143,7 +143,8 @@ class PruneConfig:
     def allocation_config(self) -> AllocationConfig:
         return AllocationConfig(
             strategy=self.allocation, gqa_mode=self.gqa_mode, prunable_layers=self.prunable_layers,
-            round_to=1 if self.rounds_by_timing else self.round_to, head_ratio=self.head_ratio, max_block_ratio=self.max_block_ratio,
+            round_to=1 if self.rounds_by_timing else self.round_to,  # auto rounds the allocated widths later
+            head_ratio=self.head_ratio, max_block_ratio=self.max_block_ratio,
         )
 
     def scorer(self) -> Scorer:

@@ -343,6 +343,8 @@ def prune(
         target = target_parameters(counts, config)
         check_depth_fits(costs, target, counts, config)  # before any pass
         widths_too = config.ratio is not None
+        if config.rounds_by_timing:
+            _check_rounding(widths_too, rounder)  # before any pass too
         if scores is not None:
             scores.check_fingerprint(fingerprint, "the scores file")
             check_scores_apply(scores, config)
@@ -365,7 +367,7 @@ def prune(
         widths = plan_widths(costs, width_target(costs, removed, target, counts, config), config, scores,
                              removed)  # fails fast, before any cutting
         if config.rounds_by_timing:
-            widths, rounding = _round_by_timing(widths, costs, widths_too, rounder)
+            widths, rounding = round_widths(widths, [c.widths for c in costs], rounder)
         if widths_too:
             selection = Selection(gqa_mode=config.gqa_mode, widths=widths, scorer=scorer,
                                   table=None if config.sequential else scores, sequential=config.sequential,
@@ -407,15 +409,13 @@ def prune(
     return PruneResult(plan=plan_, report=report, scores=scores, timings=timings)
 
 
-def _round_by_timing(widths: list[BlockWidths], costs: list[BlockCosts], widths_too: bool,
-                     rounder: Timer | None) -> tuple[list[BlockWidths], dict]:
+def _check_rounding(widths_too: bool, rounder: Timer | None) -> None:
     if not widths_too:
         raise LlmBipError("round-to auto rounds FFN widths, and this prune removes whole blocks only: give --ratio "
                           "(or drop --round-to)")
     if rounder is None:
         raise LlmBipError("round-to auto needs the device's timing of the FFN: prune through llm_bip.api.prune or "
                           "the CLI, or pass pipeline.prune a rounder (speed.rounding.device_timer)")
-    return round_widths(widths, [c.widths for c in costs], rounder)
 
 
 def _applied_config(config: PruneConfig) -> dict:
