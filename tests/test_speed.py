@@ -236,21 +236,3 @@ def test_cli_speed_target_errors(cli_model, tmp_path, flags, message, capsys):
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
-
-def test_the_cache_reads_a_current_table_and_times_again_over_an_older_or_unreadable_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_BIP_CACHE", str(tmp_path))
-    config = TINY_CONFIGS["llama"]()
-    full = BlockWidths(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
-    where = (torch.float32, torch.device("cpu"), "prefill", 1, 16)
-    key = timing.timing_key(config, "llama", *where, full, 8)
-    timed = []
-    monkeypatch.setattr(timing, "measure", lambda *a, **k: timed.append(1) or TimingTable(key, 1.0, [(full, 2.0)]))
-    first = timing.timing_table(config, "llama", full, 8, *where, progress=False)
-    (file,) = (tmp_path / "timing").glob("*.json")
-    again = timing.timing_table(config, "llama", full, 8, *where, progress=False)
-    assert again.to_json() == first.to_json() and len(timed) == 1  # read from the cache
-    for content in ('{"format": "llm-bip-timing/1", "points": []}', "{not json"):
-        file.write_text(content)
-        timing.timing_table(config, "llama", full, 8, *where, progress=False)
-    assert len(timed) == 3
-    assert json.loads(file.read_text())["format"] == timing.TIMING_FORMAT

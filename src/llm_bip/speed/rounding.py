@@ -90,8 +90,9 @@ def round_widths(widths: list[BlockWidths], before: list[BlockWidths], timer: Ti
     rounded = [BlockWidths(w.num_heads, w.num_kv_heads, chosen[w.channels]) if c else w
                for w, c in zip(widths, cut, strict=True)]
     record = {
-        "rule": f"the fastest FFN width among the planned one and the multiples of {STEP} down to {WINDOW:.0%} below "
-                f"it, if at least {MIN_GAIN:.0%} faster than the planned one",
+        "rule": f"the fastest FFN width among the planned one and the multiples of {STEP} (of a larger power of two "
+                f"where more than {MAX_CANDIDATES - 1} would lie in the window) down to {WINDOW:.0%} below it, if at "
+                f"least {MIN_GAIN:.0%} faster than the planned one; every width timed is in ffn_ms",
         "rounded": {str(w): c for w, c in chosen.items()},
         "ffn_ms": {str(c): round(ms, 5) for c, ms in sorted(ffn_ms.items())},
         "ffn_speedup": {str(w): ffn_ms[w] / ffn_ms[c] for w, c in chosen.items()},
