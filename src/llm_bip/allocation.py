@@ -5,7 +5,9 @@
   heads and channels by score per parameter (needs scores in one unit, as LLM-BIP's are);
 - global-adaptive: one model-wide pool ranked by score per parameter, each block's scores divided by
   its output norm ||y||_F (relative change), with at most `max_block_ratio` of any block removed;
-- flap: FLAP's own allocation (AL-AM): one model-wide pool ranked by score alone.
+- flap: FLAP's own allocation (AL-AM): one model-wide pool ranked by score alone;
+- sensitivity: head units as uniform, and each block's share of the channels to remove inversely
+  proportional to its measured end-to-end sensitivity (sensitivity.py).
 
 Every allocator removes head units greedily and then fills the rest of the target with channels, so
 the adaptive allocators land within one channel's parameters of the target (within `round_to`
@@ -15,6 +17,7 @@ within one channel per block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llm_bip.errors import LlmBipError
@@ -23,7 +26,7 @@ from llm_bip.plan import GQA_MODES
 from llm_bip.scoring.base import BlockScores
 from llm_bip.widths import BlockWidths
 
-ALLOCATIONS = ("uniform", "block-adaptive", "global-adaptive", "flap")
+ALLOCATIONS = ("uniform", "block-adaptive", "global-adaptive", "flap", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class AllocationConfig:
     prunable_layers: tuple[int, ...] | None = None  # None = every block
     round_to: int = 1  # kept FFN widths rounded to a multiple of this
     head_ratio: float | None = None  # uniform: fraction of head units to remove (None: the same as channels)
-    max_block_ratio: float = 0.9  # global-adaptive: most of a block's prunable parameters it may lose
+    max_block_ratio: float = 0.9  # global-adaptive: most of a block's prunable parameters it may lose;
+    # sensitivity: most of a block's channels it may lose
 
 
 @dataclass
@@ -53,7 +57,8 @@ def head_units(costs: BlockCosts, gqa_mode: str) -> _HeadUnits:
 
 
 def allocate(
-    costs: list[BlockCosts], target_removed: int, config: AllocationConfig, scores: list[BlockScores] | None = None
+    costs: list[BlockCosts], target_removed: int, config: AllocationConfig, scores: list[BlockScores] | None = None,
+    sensitivity: list[float | None] | None = None,
 ) -> list[BlockWidths]:
     """Widths per block that remove `target_removed` parameters (within one channel's parameters)."""
     layers = list(range(len(costs))) if config.prunable_layers is None else sorted(config.prunable_layers)
@@ -66,10 +71,14 @@ def allocate(
             f"cannot remove {target_removed:,} parameters from the prunable blocks (at most {most:,} while "
             "keeping one head unit and one channel per block): lower the ratio or widen the layer range"
         )
-    if config.strategy != "uniform" and scores is None:
+    if config.strategy not in ("uniform", "sensitivity") and scores is None:
         raise LlmBipError(f"{config.strategy} allocation needs scores")
     if config.strategy == "uniform":
         removed = _uniform(costs, units, layers, target_removed, config)
+    elif config.strategy == "sensitivity":
+        if sensitivity is None:
+            raise LlmBipError("sensitivity allocation needs each block's measured sensitivity")
+        removed = _by_sensitivity(costs, units, layers, target_removed, config, sensitivity)
     elif config.strategy in ("block-adaptive", "global-adaptive"):
         removed = _adaptive(costs, units, layers, target_removed, config, scores)
     elif config.strategy == "flap":
@@ -133,6 +142,48 @@ def _uniform(costs, units, layers, target, config) -> dict[int, list[int]]:
     per_block = round((target - heads) / (costs[layers[0]].channel * len(layers)))
     for i in layers:
         removed[i][1] = min(per_block, costs[i].widths.channels - 1)
+    return removed
+
+
+def _by_sensitivity(costs, units, layers, target, config, sensitivity) -> dict[int, list[int]]:
+    """Head units as uniform; channels spread so that the predicted loss is least. A block's KL after a trial
+    cut of fraction f_t is taken as quadratic in the fraction removed, KL_i(f) = KL_i · (f / f_t)^2 (the
+    second-order behaviour of a smooth loss near its optimum); minimising Σ KL_i(f_i) for the parameters to
+    remove gives f_i ∝ channel cost / KL_i (blocks of the same shape: inversely proportional to the
+    sensitivity), capped at `max_block_ratio` of the block's channels."""
+    removed = _uniform(costs, units, layers, target, config)
+    channel_params = target - sum(units[i].cost * removed[i][0] for i in layers)
+    missing = [i for i in layers if sensitivity[i] is None]
+    if missing:
+        raise LlmBipError(f"no measured sensitivity for layers {missing}")
+    floor = max(max(sensitivity[i] for i in layers) * 1e-6, 1e-12)  # a block the cut leaves untouched
+    # Channels removed r_i = scale · p_i C_i^2 / KL_i (p_i: parameters of one channel, C_i: channels).
+    weight = {i: costs[i].channel * costs[i].widths.channels ** 2 / max(sensitivity[i], floor) for i in layers}
+    cap = {i: min(costs[i].widths.channels - 1, math.floor(config.max_block_ratio * costs[i].widths.channels))
+           for i in layers}
+
+    def spent(scale: float) -> float:
+        return sum(costs[i].channel * min(cap[i], scale * weight[i]) for i in layers)
+
+    if spent(math.inf) < channel_params:
+        raise LlmBipError(f"the target needs more channels than {config.max_block_ratio:g} of every block's: lower "
+                          "the ratio, or let heads go (--head-ratio)")
+    low, high = 0.0, 1.0
+    while spent(high) < channel_params:
+        high *= 2
+    for _ in range(100):
+        low, high = ((low + high) / 2, high) if spent((low + high) / 2) < channel_params else (low, (low + high) / 2)
+    share = {i: min(cap[i], high * weight[i]) for i in layers}
+    for i in layers:
+        removed[i][1] = math.floor(share[i])
+    # What the floors left goes to the blocks with the largest remainders, within their caps.
+    left = round((channel_params - sum(costs[i].channel * removed[i][1] for i in layers)) / costs[layers[0]].channel)
+    for i in sorted(layers, key=lambda i: (removed[i][1] - share[i], i)):
+        if left <= 0:
+            break
+        if removed[i][1] < cap[i]:
+            removed[i][1] += 1
+            left -= 1
     return removed
 
 

@@ -53,6 +53,7 @@ from llm_bip.plan import PruningPlan
 from llm_bip.saving import read_record, save_pruned
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import make_scorer
+from llm_bip.sensitivity import SENSITIVITY_NEEDS_MEMORY
 
 if TYPE_CHECKING:  # recovery imports peft: loaded only when a recovery runs
     from llm_bip.export_gguf import GGUFExport
@@ -272,6 +273,8 @@ def prune_to_disk(
             raise LlmBipError("round-to auto is not available with --streaming: a resumed run must plan the very "
                               "widths the first one did, and timings vary from run to run; give a multiple "
                               "(--round-to N) instead")
+        if config.allocation == "sensitivity" and plan is None:
+            raise LlmBipError(SENSITIVITY_NEEDS_MEMORY)
         from llm_bip.streamed_prune import prune_streamed
 
         with compute_context(loaded.model, dtype):

@@ -56,11 +56,11 @@ DEFAULTS = PruneConfig()
 # PruneConfig fields that decide which structures go (a saved plan has decided them already), and the
 # ones that say how the cut is repaired (they apply on top of a plan too).
 STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
-                    "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks")
+                    "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks", "sensitivity_samples")
 REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target", "refit_intercept")
 # What only width pruning uses: with blocks to remove and no --ratio, nothing inside the other blocks is cut.
 WIDTH_FIELDS = ("method", "lipschitz", "ratio_of", "allocation", "gqa_mode", "round_to", "head_ratio", "selection",
-                "compensation", "refit_target", "refit_intercept")
+                "sensitivity_samples", "compensation", "refit_target", "refit_intercept")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -136,7 +136,12 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan (defaults: PruneConfig's)")
     g.add_argument("--ratio", type=float, help=f"fraction of parameters to remove, in [0, 1) (default {DEFAULTS.ratio})")
     g.add_argument("--ratio-of", choices=RATIO_OF, help="what the ratio is a fraction of (embeddings are never pruned)")
-    g.add_argument("--allocation", choices=ALLOCATIONS, help=f"default {DEFAULTS.allocation}")
+    g.add_argument("--allocation", choices=ALLOCATIONS,
+                   help=f"how much each block gives (default {DEFAULTS.allocation}); 'sensitivity' measures each block's "
+                        "effect on the model's output with a trial cut and takes less from the blocks that matter more")
+    g.add_argument("--sensitivity-samples", type=_positive,
+                   help=f"sensitivity allocation: calibration samples its trial cuts run on (default "
+                        f"{DEFAULTS.sensitivity_samples})")
     g.add_argument("--gqa-mode", choices=GQA_MODES,
                    help="prune whole KV groups (default), or the same number of query heads in every group")
     g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
@@ -257,7 +262,11 @@ def _config(args) -> PruneConfig:
             raise LlmBipError(f"{', '.join(given)} cannot apply: {' and '.join(depth)} without --ratio removes whole "
                               "blocks only, and nothing inside the other blocks is cut; give --ratio (the total "
                               "fraction, the removed blocks included) to prune widths too")
-    return dataclasses.replace(DEFAULTS, **changes).validate()
+    config = dataclasses.replace(DEFAULTS, **changes).validate()
+    if getattr(args, "sensitivity_samples", None) is not None and config.allocation != "sensitivity":
+        raise LlmBipError(f"--sensitivity-samples cannot apply: {config.allocation} allocation measures no sensitivity; "
+                          "add --allocation sensitivity or drop it")
+    return config
 
 
 def _explicit(args, fields: tuple[str, ...]) -> list[str]:

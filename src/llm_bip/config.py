@@ -44,6 +44,8 @@ class PruneConfig:
     # out); sequential calibration with a least-squares refit beats parallel and bias compensation.
     head_ratio: float | None = 0.0
     max_block_ratio: float = 0.9
+    # Sensitivity allocation: calibration samples each block's trial cut is measured on (sensitivity.py).
+    sensitivity_samples: int = 8
     calibration_mode: str = "sequential"
     compensation: str = "refit"
     lipschitz: str = "jvp"
@@ -85,6 +87,8 @@ class PruneConfig:
         ):
             if value not in allowed:
                 raise LlmBipError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
+        if not isinstance(self.sensitivity_samples, int) or self.sensitivity_samples < 1:
+            raise LlmBipError(f"sensitivity samples {self.sensitivity_samples!r}: give a positive number, e.g. 8")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise LlmBipError(f"round-to {self.round_to!r}: give a positive integer, or auto")
         if self.head_ratio is not None and not 0 <= self.head_ratio < 1:

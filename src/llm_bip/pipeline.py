@@ -38,6 +38,7 @@ from llm_bip.plan import BlockPlan, PruningPlan, select
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import Scorer
 from llm_bip.scoring.base import BlockGeometry
+from llm_bip.sensitivity import SENSITIVITY_NEEDS_MEMORY, Sensitivity, measure_blocks
 from llm_bip.speed.rounding import Timer, round_widths
 from llm_bip.widths import BlockWidths
 
@@ -116,7 +117,7 @@ def check_depth(loaded: LoadedModel, config: PruneConfig) -> None:
 
 
 def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table: ScoreTable | None,
-                removed: Sequence[int] = ()) -> list[BlockWidths]:
+                removed: Sequence[int] = (), sensitivity: Sensitivity | None = None) -> list[BlockWidths]:
     """Widths of every block that remove `target` parameters from the prunable blocks not in `removed`
     (whose widths stay as they are)."""
     alloc = config.allocation_config()
@@ -132,7 +133,25 @@ def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table
     if alloc.strategy != "uniform" and table is not None and not table.comparable_units:
         log.warning("%s scores are not in one unit for heads and channels; %s allocation compares them anyway",
                     table.method, alloc.strategy)
-    return allocate(costs, target, alloc, table.scores if table is not None else None)
+    return allocate(costs, target, alloc, table.scores if table is not None else None,
+                    sensitivity.kl if sensitivity is not None else None)
+
+
+def measure_sensitivity(loaded: LoadedModel, costs: list[BlockCosts], target: int, config: PruneConfig,
+                        samples: torch.Tensor | None, removed: Sequence[int], batch_size: int,
+                        progress: bool) -> Sensitivity | None:
+    """Each prunable block's end-to-end sensitivity (sensitivity.py), with a trial cut of the fraction of
+    channels the uniform plan would take from it; None where the uniform plan takes no channel."""
+    if samples is None:
+        raise LlmBipError("sensitivity allocation measures each block on calibration samples: give them")
+    uniform = plan_widths(costs, target, dataclasses.replace(config, allocation="uniform"), None, removed)
+    measured = [i for i, (c, w) in enumerate(zip(costs, uniform, strict=True))
+                if w.channels < c.widths.channels and i not in removed]
+    if not measured:
+        return None
+    fraction = sum(1 - uniform[i].channels / costs[i].widths.channels for i in measured) / len(measured)
+    return measure_blocks(loaded, samples, fraction, measured, list(removed), config.sensitivity_samples,
+                          batch_size, progress)
 
 
 def _keep_all(costs: list[BlockCosts]) -> list[BlockWidths]:
@@ -239,6 +258,9 @@ def plan(table: ScoreTable, config: PruneConfig, embedding_parameters: int) -> P
     if config.rounds_by_timing:
         raise LlmBipError("round-to auto times the FFN on the device, which a plan from saved scores does not have: "
                           "prune the model with --round-to auto, or give a multiple")
+    if config.allocation == "sensitivity":
+        raise LlmBipError("sensitivity allocation measures the model itself with trial cuts, which a plan from saved "
+                          "scores cannot: prune the model with --allocation sensitivity, or choose another allocation")
     counts = counts_from_costs(table.costs, embedding_parameters)
     target = target_parameters(counts, config)
     check_depth_fits(table.costs, target, counts, config)
@@ -281,10 +303,10 @@ def check_scores_apply(scores: ScoreTable, config: PruneConfig) -> None:
     if scores.method != scorer.name or scores.options != scorer.options():
         raise LlmBipError(f"the scores file holds {scores.method} scores with {scores.options}, but this prune asks "
                           f"for {scorer.name} with {scorer.options()}: score again with these options or drop --scores")
-    if config.sequential and config.allocation == "uniform":
-        raise LlmBipError("--scores does nothing here: sequential calibration re-scores every block on the pruned "
-                          "model's activations, and uniform allocation needs no scores; pass --calibration-mode "
-                          "parallel to prune from the saved scores, or drop --scores")
+    if config.sequential and config.allocation in ("uniform", "sensitivity"):
+        raise LlmBipError(f"--scores does nothing here: sequential calibration re-scores every block on the pruned "
+                          f"model's activations, and {config.allocation} allocation needs no scores; pass "
+                          "--calibration-mode parallel to prune from the saved scores, or drop --scores")
 
 
 def choose_blocks(loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, batch_size: int,
@@ -328,7 +350,7 @@ def prune(
     counts = count_parameters(model, adapter)
     scorer = config.scorer()
     compensator = config.compensator(loaded.adapter)
-    rounding = None
+    rounding = measured = None
     if fixed_plan is not None:
         fixed_plan.check_model(fingerprint, "the plan")
         widths, target = [b.widths for b in fixed_plan.blocks], None
@@ -345,11 +367,13 @@ def prune(
         widths_too = config.ratio is not None
         if config.rounds_by_timing:
             _check_rounding(widths_too, rounder)  # before any pass too
+        if config.allocation == "sensitivity" and loaded.streamed:
+            raise LlmBipError(SENSITIVITY_NEEDS_MEMORY)
         if scores is not None:
             scores.check_fingerprint(fingerprint, "the scores file")
             check_scores_apply(scores, config)
             how = "saved scores" + (" (allocation only; blocks re-scored sequentially)" if config.sequential else "")
-        elif config.allocation != "uniform" and widths_too:
+        elif config.allocation not in ("uniform", "sensitivity") and widths_too:
             scores = score(loaded, scorer, samples, batch_size, calibration, progress)  # adaptive needs every score first
             timings["score"] = scores.seconds
             how = f"{scorer.name} scores ({config.calibration_mode})"
@@ -364,8 +388,17 @@ def prune(
                 depth_choice = choose_blocks(loaded, config, samples, batch_size, scores, progress, spill_dir)
                 timings["block_scores"] = time.perf_counter() - begun
         removed = depth_choice["removed"] if depth_choice else []
-        widths = plan_widths(costs, width_target(costs, removed, target, counts, config), config, scores,
-                             removed)  # fails fast, before any cutting
+        width_goal = width_target(costs, removed, target, counts, config)
+        if config.allocation == "sensitivity" and widths_too:
+            measured = measure_sensitivity(loaded, costs, width_goal, config, samples, removed, batch_size, progress)
+            if measured is not None:
+                timings["sensitivity"] = measured.seconds
+        if measured is None and config.allocation == "sensitivity":
+            config_for_widths = dataclasses.replace(config, allocation="uniform")  # no channel goes: nothing to spread
+        else:
+            config_for_widths = config
+        widths = plan_widths(costs, width_goal, config_for_widths, scores, removed,
+                             measured)  # fails fast, before any cutting
         if config.rounds_by_timing:
             widths, rounding = round_widths(widths, [c.widths for c in costs], rounder)
         if widths_too:
@@ -402,6 +435,8 @@ def prune(
     }
     if rounding is not None:
         report["rounding"] = rounding
+    if measured is not None:
+        report["sensitivity"] = measured.to_json()
     if fixed_plan is not None:
         report["applied_plan"] = {"fingerprint": fixed_plan.fingerprint, "meta": fixed_plan.meta}
     report["parameters_after"] = count_parameters(model, adapter)  # exact, compensation biases included

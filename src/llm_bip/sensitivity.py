@@ -1,0 +1,126 @@
+"""How much the whole model suffers when one block loses FFN channels, measured end to end.
+
+LLM-BIP's scores say which channels of a block matter least to that block's output; they do not say
+how much each block may lose. Measured on SmolLM2 (docs/results.md §11), the same cut costs the model's
+output 10-20 times more in the first and last blocks than in the middle ones, and no block-local
+quantity shows it (a block's output change after the refit grows steadily with depth). So each block is
+measured as a user would see it: on a few calibration samples, the block's lowest-scoring `fraction` of
+channels is cut (its down_proj columns zeroed, put back after), the rest of the model runs, and the mean
+KL divergence of the next-token distribution from the dense model's is the block's sensitivity. One block
+at a time is cut, on the dense model's activations, so the cost is about L/2 block passes per block over
+the subset; the allocation (allocation.py, "sensitivity") then spreads the channels to remove by it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llm_bip.activations import BlockInputs, full_precision, run_block
+from llm_bip.errors import LlmBipError
+from llm_bip.loading import LoadedModel
+
+SENSITIVITY_NEEDS_MEMORY = ("sensitivity allocation runs the rest of the model once per block, which streaming from "
+                            "disk cannot afford: use --allocation uniform with --streaming")
+KL_STRIDE = 4  # every 4th position's next-token distribution is compared: the LM head costs a vocabulary per position
+
+
+@dataclass
+class Sensitivity:
+    """Per block (None where not measured): mean KL(dense || block cut) over the compared positions."""
+
+    kl: list[float | None]
+    fraction: float  # of each measured block's channels cut in its trial
+    samples: int
+    positions: int  # next-token distributions compared per trial
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"criterion": "mean KL divergence of the next-token distribution from the dense model's, with only "
+                             "this block's lowest-scoring channels cut (down_proj columns zeroed)",
+                "kl": self.kl, "trial_fraction": self.fraction, "samples": self.samples, "positions": self.positions,
+                "seconds": round(self.seconds, 2)}
+
+
+def _log_probs(loaded: LoadedModel, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    from llm_bip.recovery.distill import output_logits
+
+    norm = loaded.adapter.final_norm(loaded.model)
+    return [F.log_softmax(output_logits(loaded.model, norm(h[:, ::KL_STRIDE])), dim=-1) for h in hidden]
+
+
+def _kl(dense: list[torch.Tensor], cut: list[torch.Tensor]) -> float:
+    total = count = 0.0
+    with full_precision():
+        for p, q in zip(dense, cut, strict=True):
+            total += float(F.kl_div(q, p, log_target=True, reduction="sum"))
+            count += p.shape[0] * p.shape[1]
+    return total / count
+
+
+def _run(blocks, inputs: BlockInputs, layers: list[int]) -> BlockInputs:
+    for i in layers:
+        inputs = run_block(blocks[i], inputs, layer=i)
+    return inputs
+
+
+@torch.no_grad()
+def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, measured: list[int],
+                   skipped: list[int] = (), num_samples: int = 8, batch_size: int = 8,
+                   progress: bool = True) -> Sensitivity:
+    """The sensitivity of each block in `measured` to losing `fraction` of its channels, on the first
+    `num_samples` calibration samples (blocks in `skipped`, removed whole by the plan, do not run)."""
+    from llm_bip.pipeline import catch_inputs
+
+    if loaded.streamed:
+        raise LlmBipError(SENSITIVITY_NEEDS_MEMORY)
+    if not 0 < fraction < 1:
+        raise ValueError(f"trial fraction {fraction} outside (0, 1)")
+    started = time.perf_counter()
+    model, adapter = loaded.model, loaded.adapter
+    blocks = adapter.blocks(model)
+    order = [i for i in range(len(blocks)) if i not in set(skipped)]
+    subset = samples[:num_samples]
+    inputs = catch_inputs(loaded, subset, batch_size)
+    dense = _log_probs(loaded, _run(blocks, inputs, order).hidden)
+    kl: list[float | None] = [None] * len(blocks)
+    todo = set(measured)
+    for position, i in enumerate(tqdm(order, desc="block sensitivity", disable=not progress)):
+        if i in todo:
+            down = adapter.parts(blocks[i]).down_proj
+            energy = torch.zeros(down.in_features, dtype=torch.float32, device=down.weight.device)
+
+            def gather(_module, args, energy=energy):
+                with full_precision():
+                    energy.add_(args[0].detach().float().pow(2).flatten(0, -2).sum(0))
+
+            handle = down.register_forward_pre_hook(gather)
+            try:
+                after = run_block(blocks[i], inputs, layer=i)
+            finally:
+                handle.remove()
+            kl[i] = _trial(loaded, blocks, inputs, order[position:], down, energy, fraction, dense)
+        else:
+            after = run_block(blocks[i], inputs, layer=i)
+        inputs = after
+    return Sensitivity(kl, fraction, subset.shape[0], sum(p.shape[0] * p.shape[1] for p in dense),
+                       time.perf_counter() - started)
+
+
+def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], down, energy: torch.Tensor, fraction: float,
+           dense: list[torch.Tensor]) -> float:
+    """KL from the dense model with `down`'s lowest-scoring channels (||W[:, k]|| · ||a_k||) cut."""
+    weight = down.weight
+    with full_precision():
+        scores = weight.detach().float().norm(dim=0) * energy.sqrt()
+    cut = torch.argsort(scores)[: max(1, round(fraction * weight.shape[1]))]
+    saved = weight[:, cut].clone()
+    weight[:, cut] = 0
+    try:
+        return _kl(dense, _log_probs(loaded, _run(blocks, inputs, layers).hidden))
+    finally:
+        weight[:, cut] = saved

@@ -1,0 +1,128 @@
+"""Sensitivity allocation: each block measured end to end with a trial cut, channels spread by it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_samples
+from llm_bip import api
+from llm_bip.allocation import AllocationConfig, allocate
+from llm_bip.config import PruneConfig
+from llm_bip.errors import LlmBipError
+from llm_bip.params import BlockCosts
+from llm_bip.pipeline import plan as plan_from_scores
+from llm_bip.pipeline import score
+from llm_bip.saving import read_record
+from llm_bip.scoring import make_scorer
+from llm_bip.sensitivity import measure_blocks
+from llm_bip.widths import BlockWidths
+from test_depth import _cli, write_cli_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _costs(n: int = 4, channels: int = 100) -> list[BlockCosts]:
+    return [BlockCosts(head=10, kv=5, channel=3, widths=BlockWidths(4, 2, channels), fixed=7) for _ in range(n)]
+
+
+def test_channels_go_in_inverse_proportion_to_the_sensitivity_and_hit_the_target():
+    costs = _costs()
+    target = 3 * 120  # 120 channels in all
+    widths = allocate(costs, target, AllocationConfig(strategy="sensitivity", head_ratio=0.0), None,
+                      [4.0, 1.0, 1.0, 2.0])
+    removed = [100 - w.channels for w in widths]
+    assert sum(removed) == 120
+    # r_i ∝ 1 / KL_i: 1/4 : 1 : 1 : 1/2 of 120 = 10.9, 43.6, 43.6, 21.8
+    assert removed == pytest.approx([10.9, 43.6, 43.6, 21.8], abs=1)
+    assert all(w.num_heads == 4 for w in widths)  # heads as uniform with head-ratio 0: none go
+
+
+def test_a_block_is_capped_and_the_others_take_the_rest():
+    costs = _costs()
+    widths = allocate(costs, 3 * 200, AllocationConfig(strategy="sensitivity", head_ratio=0.0, max_block_ratio=0.6),
+                      None, [1.0, 1.0, 1.0, 1e-9])
+    removed = [100 - w.channels for w in widths]
+    assert removed[3] == 60 and sum(removed) == 200
+    with pytest.raises(LlmBipError, match="more channels than 0.6 of every block"):
+        allocate(costs, 3 * 250, AllocationConfig(strategy="sensitivity", head_ratio=0.0, max_block_ratio=0.6), None,
+                 [1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(LlmBipError, match="no measured sensitivity for layers \\[1\\]"):
+        allocate(costs, 30, AllocationConfig(strategy="sensitivity"), None, [1.0, None, 1.0, 1.0])
+
+
+def test_measuring_restores_every_weight_and_skips_removed_blocks():
+    lm = tiny_model("llama")
+    before = copy.deepcopy(lm.model.state_dict())
+    samples = tiny_samples(8, 16)
+    blocks = lm.adapter.blocks(lm.model)
+    skipped_forward = blocks[1].forward
+    blocks[1].forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("a skipped block ran"))
+    try:
+        result = measure_blocks(lm, samples, 0.3, measured=[0, 2], skipped=[1], num_samples=4, progress=False)
+    finally:
+        blocks[1].forward = skipped_forward
+    assert result.kl[1] is None and result.kl[0] > 0 and result.kl[2] > 0
+    assert result.samples == 4 and result.fraction == 0.3
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_block_whose_ffn_adds_nothing_measures_zero():
+    lm = tiny_model("qwen2")
+    down = lm.adapter.parts(lm.adapter.blocks(lm.model)[0]).down_proj
+    with torch.no_grad():
+        down.weight.zero_()
+        down.bias = None
+    result = measure_blocks(lm, tiny_samples(8, 16), 0.5, measured=[0, 1], num_samples=4, progress=False)
+    assert result.kl[0] == 0.0 and result.kl[1] > 0
+
+
+def test_prune_spreads_channels_by_the_measured_sensitivity_and_records_it():
+    lm = tiny_model("llama")
+    samples = tiny_samples(8, 16)
+    uniform = api.prune(copy.deepcopy(lm), PruneConfig(ratio=0.3), samples, progress=False)
+    result = api.prune(lm, PruneConfig(ratio=0.3, allocation="sensitivity", sensitivity_samples=4), samples,
+                       progress=False)
+    record = result.report["sensitivity"]
+    kl = record["kl"]
+    assert record["samples"] == 4 and all(k > 0 for k in kl) and "sensitivity" in result.report["timings_seconds"]
+    kept = [len(b["keep_channels"]) for b in result.report["plan"]]
+    # the most sensitive block keeps the most channels, the least sensitive the fewest
+    assert kept.index(max(kept)) == kl.index(max(kl)) and kept.index(min(kept)) == kl.index(min(kl))
+    # the same parameters go as with the uniform plan (within a channel per block)
+    channel = 3 * 48
+    assert abs(result.report["parameters_after"]["total"] - uniform.report["parameters_after"]["total"]) <= 3 * channel
+    assert result.report["config"]["allocation"] == "sensitivity"
+
+
+def test_sensitivity_allocation_refuses_what_it_cannot_do():
+    lm = tiny_model("llama")
+    samples = tiny_samples(8, 16)
+    config = PruneConfig(ratio=0.3, allocation="sensitivity", calibration_mode="parallel")
+    table = score(lm, make_scorer("llm-bip"), samples, 8, progress=False)
+    with pytest.raises(LlmBipError, match="a plan from saved scores cannot"):
+        plan_from_scores(table, config, lm.adapter.embedding_parameters(lm.model))
+    with pytest.raises(LlmBipError, match="sensitivity samples 0"):
+        PruneConfig(allocation="sensitivity", sensitivity_samples=0).validate()
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    return write_cli_model(tmp_path_factory.mktemp("sensitivity-cli"), layers=3)
+
+
+def test_cli_prunes_by_sensitivity_and_refuses_it_with_streaming(cli_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli(cli_model, "prune", "--output", str(out), "--ratio", "0.3", "--allocation", "sensitivity",
+                "--sensitivity-samples", "2") == 0
+    record = read_record(out)
+    assert record["sensitivity"]["samples"] == 2 and record["config"]["sensitivity_samples"] == 2
+    for flags, message in ((["--allocation", "sensitivity", "--streaming"], "use --allocation uniform with --streaming"),
+                           (["--sensitivity-samples", "2"], "--sensitivity-samples cannot apply")):
+        bad = tmp_path / "bad"
+        assert _cli(cli_model, "prune", "--output", str(bad), "--ratio", "0.3", *flags) == 2
+        assert message in capsys.readouterr().err
+        assert not bad.exists()
