@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--windows-2048", type=int, default=40)
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (compare's table has it)")
+    parser.add_argument("--allocation", default="uniform", help="PruneConfig's allocation of the prunes")
     parser.add_argument("--round-to", type=int, default=64,
                         help="also prune with kept widths rounded to this multiple (0: skip)")
     args = parser.parse_args()
@@ -110,7 +111,7 @@ def main() -> None:
     variants += [(ratio, args.round_to) for ratio in args.ratios if args.round_to > 1]
     for ratio, round_to in variants:
         lm = copy.deepcopy(dense)
-        result = api.prune(lm, PruneConfig(ratio=ratio, round_to=round_to), samples, info, progress=False)
+        result = api.prune(lm, PruneConfig(ratio=ratio, round_to=round_to, allocation=args.allocation), samples, info, progress=False)
         name = f"llm-bip {ratio:.0%}" + (f" round{round_to}" if round_to > 1 else "")
         models[name] = lm
         results.setdefault("prune", {})[name] = {

@@ -30,6 +30,8 @@ from llm_bip.params import count_parameters
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"wikitext": str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"), "lee": "lee",
          "newsgroups": "newsgroups"}
+# The calibration of the "default" variant: 64 samples, as before the default became 128 (variant
+# calibration-128), so that earlier result files keep their meaning.
 CALIBRATION = {"source": "wikipedia", "num_samples": 64, "seq_len": 256, "seed": 0}
 
 VARIANTS: dict[str, tuple[dict, dict]] = {  # name: (PruneConfig changes, calibration changes)
@@ -159,6 +161,8 @@ def main() -> None:
                 "removed_non_embedding": 1 - pruned.report["parameters_after"]["non_embedding"]
                 / dense_counts["non_embedding"],
                 "heads_kept": sum(len(b.keep_heads) for b in pruned.plan.blocks),
+                "channels_kept": [len(b.keep_channels) for b in pruned.plan.blocks],
+                "timings_seconds": pruned.report["timings_seconds"],
                 "compensation_kept": sorted({v.split(":")[0] for b in blocks for v in b.values()}),
                 "perplexity": evaluate(lm, texts, args.lengths, windows),
             }

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_samples
+from conftest import FAMILIES, tiny_model, tiny_samples
 from llm_bip import api
 from llm_bip.allocation import AllocationConfig, allocate
 from llm_bip.config import PruneConfig
@@ -68,6 +68,17 @@ def test_measuring_restores_every_weight_and_skips_removed_blocks():
     assert result.samples == 4 and result.fraction == 0.3
     after = lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_measures_finite_sensitivities_and_keeps_its_weights(family):
+    lm = tiny_model(family)
+    before = copy.deepcopy(lm.model.state_dict())
+    blocks = list(range(lm.adapter.num_blocks))
+    result = measure_blocks(lm, tiny_samples(8, 16), 0.4, measured=blocks, num_samples=3, progress=False)
+    assert all(k is not None and 0 < k < float("inf") for k in result.kl)
+    assert result.positions == 3 * 4  # every 4th of 16 positions
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
 def test_a_block_whose_ffn_adds_nothing_measures_zero():
