@@ -1,8 +1,8 @@
 """How much the whole model suffers when one block loses FFN channels, measured end to end.
 
 LLM-BIP's scores say which channels of a block matter least to that block's output; they do not say
-how much each block may lose. Measured on SmolLM2 (docs/results.md §11), the same cut costs the model's
-output 10-20 times more in the first and last blocks than in the middle ones, and no block-local
+how much each block may lose. Measured on SmolLM2 (docs/results.md §11), the same cut raises the model's
+loss 5-9 times more in the first two and the last block than in the middle ones, and no block-local
 quantity shows it (a block's output change after the refit grows steadily with depth). So each block is
 measured as a user would see it: on a few calibration samples, the block's lowest-scoring `fraction` of
 channels is cut (its down_proj columns zeroed, put back after), the rest of the model runs, and the mean
