@@ -56,11 +56,12 @@ DEFAULTS = PruneConfig()
 # PruneConfig fields that decide which structures go (a saved plan has decided them already), and the
 # ones that say how the cut is repaired (they apply on top of a plan too).
 STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
-                    "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks", "sensitivity_samples")
+                    "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks", "sensitivity_samples",
+                    "sensitivity_cap")
 REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target", "refit_intercept")
 # What only width pruning uses: with blocks to remove and no --ratio, nothing inside the other blocks is cut.
 WIDTH_FIELDS = ("method", "lipschitz", "ratio_of", "allocation", "gqa_mode", "round_to", "head_ratio", "selection",
-                "sensitivity_samples", "compensation", "refit_target", "refit_intercept")
+                "sensitivity_samples", "sensitivity_cap", "compensation", "refit_target", "refit_intercept")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -142,6 +143,9 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sensitivity-samples", type=_positive,
                    help=f"sensitivity allocation: calibration samples its trial cuts run on (default "
                         f"{DEFAULTS.sensitivity_samples})")
+    g.add_argument("--sensitivity-cap", type=float,
+                   help=f"sensitivity allocation: the most of a block's channels it may remove (default "
+                        f"{DEFAULTS.sensitivity_cap})")
     g.add_argument("--gqa-mode", choices=GQA_MODES,
                    help="prune whole KV groups (default), or the same number of query heads in every group")
     g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
@@ -263,8 +267,9 @@ def _config(args) -> PruneConfig:
                               "blocks only, and nothing inside the other blocks is cut; give --ratio (the total "
                               "fraction, the removed blocks included) to prune widths too")
     config = dataclasses.replace(DEFAULTS, **changes).validate()
-    if getattr(args, "sensitivity_samples", None) is not None and config.allocation != "sensitivity":
-        raise LlmBipError(f"--sensitivity-samples cannot apply: {config.allocation} allocation measures no sensitivity; "
+    given = _explicit(args, ("sensitivity_samples", "sensitivity_cap"))
+    if given and config.allocation != "sensitivity":
+        raise LlmBipError(f"{', '.join(given)} cannot apply: {config.allocation} allocation measures no sensitivity; "
                           "add --allocation sensitivity or drop it")
     return config
 
