@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.errors import LlmBipError
 from llm_bip.loading import LoadedModel
+from llm_bip.scoring import make_scorer
+from llm_bip.stats import collect_block_stats
 
 SENSITIVITY_NEEDS_MEMORY = ("sensitivity allocation runs the rest of the model once per block, which streaming from "
                             "disk cannot afford: use --allocation uniform with --streaming")
@@ -74,7 +76,7 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                    progress: bool = True) -> Sensitivity:
     """The sensitivity of each block in `measured` to losing `fraction` of its channels, on the first
     `num_samples` calibration samples (blocks in `skipped`, removed whole by the plan, do not run)."""
-    from llm_bip.pipeline import catch_inputs
+    from llm_bip.pipeline import catch_inputs, geometry
 
     if loaded.streamed:
         raise LlmBipError(SENSITIVITY_NEEDS_MEMORY)
@@ -89,21 +91,14 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
     dense = _log_probs(loaded, _run(blocks, inputs, order).hidden)
     kl: list[float | None] = [None] * len(blocks)
     todo = set(measured)
+    scorer = make_scorer("llm-bip", lipschitz="none")  # the channel scores the prune itself ranks by
     for position, i in enumerate(tqdm(order, desc="block sensitivity", disable=not progress)):
         if i in todo:
-            down = adapter.parts(blocks[i]).down_proj
-            energy = torch.zeros(down.in_features, dtype=torch.float32, device=down.weight.device)
-
-            def gather(_module, args, energy=energy):
-                with full_precision():
-                    energy.add_(args[0].detach().float().pow(2).flatten(0, -2).sum(0))
-
-            handle = down.register_forward_pre_hook(gather)
-            try:
-                after = run_block(blocks[i], inputs, layer=i)
-            finally:
-                handle.remove()
-            kl[i] = _trial(loaded, blocks, inputs, order[position:], down, energy, fraction, dense)
+            parts, shape = adapter.parts(blocks[i]), geometry(loaded, i)
+            stats, after = collect_block_stats(blocks[i], parts, inputs, scorer.stats_request(), i, shape.group_width)
+            channels = scorer.score_block(parts, stats, shape).channels
+            del stats
+            kl[i] = _trial(loaded, blocks, inputs, order[position:], parts.down_proj, channels, fraction, dense)
         else:
             after = run_block(blocks[i], inputs, layer=i)
         inputs = after
@@ -111,13 +106,11 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                        time.perf_counter() - started)
 
 
-def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], down, energy: torch.Tensor, fraction: float,
-           dense: list[torch.Tensor]) -> float:
-    """KL from the dense model with `down`'s lowest-scoring channels (||W[:, k]|| · ||a_k||) cut."""
+def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], down, channel_scores: torch.Tensor,
+           fraction: float, dense: list[torch.Tensor]) -> float:
+    """KL from the dense model with the lowest-scoring `fraction` of `down`'s input channels cut."""
     weight = down.weight
-    with full_precision():
-        scores = weight.detach().float().norm(dim=0) * energy.sqrt()
-    cut = torch.argsort(scores)[: max(1, round(fraction * weight.shape[1]))]
+    cut = torch.argsort(channel_scores)[: max(1, round(fraction * weight.shape[1]))].to(weight.device)
     saved = weight[:, cut].clone()
     weight[:, cut] = 0
     try:
