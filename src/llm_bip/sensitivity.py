@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.errors import LlmBipError
+from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.loading import LoadedModel
 from llm_bip.scoring import make_scorer
 from llm_bip.stats import collect_block_stats
@@ -49,8 +50,6 @@ class Sensitivity:
 
 
 def _log_probs(loaded: LoadedModel, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    from llm_bip.recovery.distill import output_logits
-
     norm = loaded.adapter.final_norm(loaded.model)
     return [F.log_softmax(output_logits(loaded.model, norm(h[:, ::KL_STRIDE])), dim=-1) for h in hidden]
 

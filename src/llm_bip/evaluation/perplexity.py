@@ -36,17 +36,21 @@ def window_batch_size(batch_size: int, seq_len: int) -> int:
 LOGIT_CHUNK = 512  # positions whose logits exist at once: [batch, 512, vocab] floats, not [batch, seq_len, vocab]
 
 
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on some positions' hidden states, upcast to float32 (and soft-capped where the family is):
+    how every next-token distribution here is made (perplexity, distillation, block sensitivity)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def window_losses(model: nn.Module, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of each window from the final hidden states, the logits made a chunk of
     positions at a time (at 2048 tokens a 49k vocabulary's full logits take 1.6 GB per 4 windows)."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
     for start in range(0, batch.shape[1] - 1, LOGIT_CHUNK):
         end = min(start + LOGIT_CHUNK, batch.shape[1] - 1)
-        logits = head(hidden[:, start:end]).float()
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
+        logits = output_logits(model, hidden[:, start:end])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, start + 1 : end + 1].reshape(-1),
                                reduction="none")
         total += loss.view(batch.shape[0], -1).double().sum(1)

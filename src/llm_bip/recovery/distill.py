@@ -72,13 +72,6 @@ def final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return out.last_hidden_state
 
 
-def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on some positions' hidden states, upcast to float32 (and soft-capped where the family is)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
 def trained_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[batch, length - 1] mask of the positions whose next token is trained on (the LM loss's positions)."""
     return batch["labels"][:, 1:] != IGNORE_INDEX

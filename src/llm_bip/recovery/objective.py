@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.recovery.config import DistillConfig
 from llm_bip.recovery.data import Example
-from llm_bip.recovery.distill import TeacherRows, distill_sums, final_hidden, output_logits, trained_positions
+from llm_bip.recovery.distill import TeacherRows, distill_sums, final_hidden, trained_positions
 from llm_bip.recovery.loss import collate, evaluate_loss, summed_loss
 from llm_bip.recovery.teacher import LiveTeacherRows, Teacher
 from llm_bip.recovery.teacher_cache import TeacherCache

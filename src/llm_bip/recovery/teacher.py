@@ -21,7 +21,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from llm_bip.errors import LlmBipError
-from llm_bip.recovery.distill import final_hidden, log_probs, output_logits
+from llm_bip.evaluation.perplexity import output_logits
+from llm_bip.recovery.distill import final_hidden, log_probs
 
 # Files whose bytes identify a model's weights (and config) on disk.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")

@@ -30,13 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llm_bip.errors import LlmBipError
+from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.outputs import write_atomic, write_text_atomic
 from llm_bip.recovery.data import Example
 from llm_bip.recovery.distill import (
     DISTILL_CHUNK,
     TopK,
     final_hidden,
-    output_logits,
     teacher_topk,
     trained_positions,
 )
