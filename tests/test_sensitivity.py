@@ -9,12 +9,13 @@ import torch
 
 from conftest import FAMILIES, tiny_model, tiny_samples
 from llm_bip import api
-from llm_bip.allocation import AllocationConfig, allocate
+from llm_bip.allocation import AllocationConfig, Curvature, allocate
 from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
 from llm_bip.params import BlockCosts
 from llm_bip.pipeline import plan as plan_from_scores
 from llm_bip.pipeline import score
+from llm_bip.plan import select
 from llm_bip.saving import read_record
 from llm_bip.scoring import make_scorer
 from llm_bip.sensitivity import measure_blocks
@@ -32,7 +33,7 @@ def test_channels_go_in_inverse_proportion_to_the_sensitivity_and_hit_the_target
     costs = _costs()
     target = 3 * 120  # 120 channels in all
     widths = allocate(costs, target, AllocationConfig(strategy="sensitivity", head_ratio=0.0), None,
-                      [4.0, 1.0, 1.0, 2.0])
+                      Curvature([4.0, 1.0, 1.0, 2.0]))
     removed = [100 - w.channels for w in widths]
     assert sum(removed) == 120
     # r_i ∝ 1 / KL_i: 1/4 : 1 : 1 : 1/2 of 120 = 10.9, 43.6, 43.6, 21.8
@@ -43,15 +44,69 @@ def test_channels_go_in_inverse_proportion_to_the_sensitivity_and_hit_the_target
 def test_a_block_is_capped_and_the_others_take_the_rest():
     costs = _costs()
     widths = allocate(costs, 3 * 200, AllocationConfig(strategy="sensitivity", head_ratio=0.0, sensitivity_cap=0.6),
-                      None, [1.0, 1.0, 1.0, 1e-9])
+                      None, Curvature([1.0, 1.0, 1.0, 1e-9]))
     removed = [100 - w.channels for w in widths]
     assert removed[3] == 60 and sum(removed) == 200
     # beyond the cap everywhere, every block may still lose the uniform plan's share: the result is uniform
     beyond = allocate(costs, 3 * 260, AllocationConfig(strategy="sensitivity", head_ratio=0.0, sensitivity_cap=0.6),
-                      None, [1.0, 2.0, 3.0, 1e-9])
+                      None, Curvature([1.0, 2.0, 3.0, 1e-9]))
     assert [w.channels for w in beyond] == [35] * 4
     with pytest.raises(LlmBipError, match="no measured sensitivity for layers \\[1\\]"):
-        allocate(costs, 30, AllocationConfig(strategy="sensitivity"), None, [1.0, None, 1.0, 1.0])
+        allocate(costs, 30, AllocationConfig(strategy="sensitivity"), None, Curvature([1.0, None, 1.0, 1.0]))
+
+
+def test_auto_heads_go_where_they_cost_less_than_the_channels_they_spare():
+    costs = _costs()  # a head unit (kv-groups: 2 heads + 1 KV head) is 25 parameters, a channel 3
+    config = AllocationConfig(strategy="sensitivity", head_ratio="auto")
+    # channel curvature 1e-4 per channel²: 60 channels per block cost 0.36 each; a head unit in block 2
+    # costs 0.01, elsewhere 10
+    curvature = Curvature([1e-4] * 4, heads=[10.0, 10.0, 0.01, 10.0])
+    widths = allocate(costs, 3 * 240, config, None, curvature)
+    assert [w.num_heads for w in widths] == [4, 4, 2, 4] and [w.num_kv_heads for w in widths] == [2, 2, 1, 2]
+    removed = 3 * sum(100 - w.channels for w in widths) + 25
+    assert abs(removed - 3 * 240) < 3  # the head unit spares 8 channels: the target is still met
+    # every head dear: the channels alone, as without auto
+    dear = allocate(costs, 3 * 240, config, None, Curvature([1e-4] * 4, heads=[10.0] * 4))
+    assert [w.num_heads for w in dear] == [4] * 4 and [w.channels for w in dear] == [40] * 4
+    # one unit must stay in every block, whatever it costs
+    free = allocate(costs, 3 * 240, config, None, Curvature([1e-4] * 4, heads=[0.0] * 4))
+    assert all(w.num_kv_heads == 1 for w in free)
+    with pytest.raises(LlmBipError, match="needs each block's measured head sensitivity"):
+        allocate(costs, 3 * 240, config, None, Curvature([1e-4] * 4))
+    with pytest.raises(LlmBipError, match="it needs --allocation sensitivity"):
+        allocate(costs, 3 * 240, AllocationConfig(strategy="uniform", head_ratio="auto"))
+
+
+def _kl_every_4th(dense_logits: torch.Tensor, cut_logits: torch.Tensor) -> float:
+    p = torch.log_softmax(dense_logits[:, ::4].float(), -1)
+    q = torch.log_softmax(cut_logits[:, ::4].float(), -1)
+    return float((p.exp() * (p - q)).sum() / (p.shape[0] * p.shape[1]))
+
+
+@pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
+def test_a_head_trial_measures_what_losing_the_prunes_first_heads_costs_the_whole_model(gqa_mode):
+    lm = tiny_model("qwen2")  # 4 query heads in 2 KV groups, q/k/v biases
+    before = copy.deepcopy(lm.model.state_dict())
+    samples = tiny_samples(8, 16)[:4]
+    trial = BlockWidths(2, 1, 48) if gqa_mode == "kv-groups" else BlockWidths(2, 2, 48)
+    result = measure_blocks(lm, samples, 0.4, measured=[0, 1], num_samples=4, progress=False,
+                            head_trials={1: trial}, gqa_mode=gqa_mode)
+    assert result.head_kl[0] is None and result.head_kl[1] > 0 and result.kl[0] > 0
+    assert result.to_json()["head_kl"] == result.head_kl
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    # The same heads cut by hand in the whole model (the lowest LLM-BIP scores on these samples, as the
+    # prune would choose them at those widths) cost the same KL.
+    s = score(lm, make_scorer("llm-bip", lipschitz="none"), samples, 8, progress=False).scores[1]
+    kept = select(s.heads, s.groups, s.channels, trial, gqa_mode, 1).keep_heads
+    gone = [h for h in range(4) if h not in kept]
+    assert len(gone) == 2 and (gone[0] // 2 != gone[1] // 2) == (gqa_mode == "query-heads")
+    o_proj, head_dim = lm.adapter.parts(lm.adapter.blocks(lm.model)[1]).o_proj, lm.adapter.head_dim
+    with torch.no_grad():
+        dense = lm.model(samples).logits
+        for h in gone:
+            o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+        cut = lm.model(samples).logits
+    assert result.head_kl[1] == pytest.approx(_kl_every_4th(dense, cut), rel=1e-3)
 
 
 def test_measuring_restores_every_weight_and_skips_removed_blocks():
@@ -110,6 +165,23 @@ def test_prune_spreads_channels_by_the_measured_sensitivity_and_records_it():
     assert result.report["config"]["allocation"] == "sensitivity"
 
 
+def test_auto_heads_in_a_prune_go_where_the_heads_measure_free():
+    lm = tiny_model("llama")
+    samples = tiny_samples(8, 16)
+    o_proj = lm.adapter.parts(lm.adapter.blocks(lm.model)[0]).o_proj
+    with torch.no_grad():
+        o_proj.weight.zero_()  # block 0's attention adds nothing: its heads cost nothing to lose
+    config = PruneConfig(ratio=0.3, allocation="sensitivity", head_ratio="auto", sensitivity_samples=4)
+    result = api.prune(lm, config, samples, progress=False)
+    record = result.report["sensitivity"]
+    assert record["head_kl"][0] == 0.0 and all(k > 0 for k in record["head_kl"][1:])
+    plan = result.report["plan"]
+    assert len(plan[0]["keep_kv_heads"]) == 1 and all(len(b["keep_kv_heads"]) == 2 for b in plan[1:])
+    uniform = api.prune(tiny_model("llama"), PruneConfig(ratio=0.3), samples, progress=False)
+    assert abs(result.report["parameters_after"]["total"] - uniform.report["parameters_after"]["total"]) <= 3 * 3 * 48
+    assert result.report["config"]["head_ratio"] == "auto"
+
+
 def test_sensitivity_allocation_refuses_what_it_cannot_do():
     lm = tiny_model("llama")
     samples = tiny_samples(8, 16)
@@ -121,6 +193,8 @@ def test_sensitivity_allocation_refuses_what_it_cannot_do():
         PruneConfig(allocation="sensitivity", sensitivity_samples=0).validate()
     with pytest.raises(LlmBipError, match="sensitivity cap 1.0 is outside"):
         PruneConfig(allocation="sensitivity", sensitivity_cap=1.0).validate()
+    with pytest.raises(LlmBipError, match="head-ratio auto takes heads by their measured end-to-end cost"):
+        PruneConfig(head_ratio="auto").validate()
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +205,14 @@ def cli_model(tmp_path_factory):
 def test_cli_prunes_by_sensitivity_and_refuses_it_with_streaming(cli_model, tmp_path, capsys):
     out = tmp_path / "out"
     assert _cli(cli_model, "prune", "--output", str(out), "--ratio", "0.3", "--allocation", "sensitivity",
-                "--sensitivity-samples", "2") == 0
+                "--sensitivity-samples", "2", "--head-ratio", "auto") == 0
     record = read_record(out)
     assert record["sensitivity"]["samples"] == 2 and record["config"]["sensitivity_samples"] == 2
+    assert len(record["sensitivity"]["head_kl"]) == 3 and record["config"]["head_ratio"] == "auto"
     for flags, message in ((["--allocation", "sensitivity", "--streaming"], "use --allocation uniform with --streaming"),
                            (["--sensitivity-samples", "2"], "--sensitivity-samples cannot apply"),
-                           (["--sensitivity-cap", "0.5"], "--sensitivity-cap cannot apply")):
+                           (["--sensitivity-cap", "0.5"], "--sensitivity-cap cannot apply"),
+                           (["--head-ratio", "auto"], "add --allocation sensitivity")):
         bad = tmp_path / "bad"
         assert _cli(cli_model, "prune", "--output", str(bad), "--ratio", "0.3", *flags) == 2
         assert message in capsys.readouterr().err

@@ -6,8 +6,9 @@
 - global-adaptive: one model-wide pool ranked by score per parameter, each block's scores divided by
   its output norm ||y||_F (relative change), with at most `max_block_ratio` of any block removed;
 - flap: FLAP's own allocation (AL-AM): one model-wide pool ranked by score alone;
-- sensitivity: head units as uniform, and each block's share of the channels to remove inversely
-  proportional to its measured end-to-end sensitivity (sensitivity.py).
+- sensitivity: each block's share of the channels to remove inversely proportional to its measured
+  end-to-end sensitivity (sensitivity.py); head units as uniform, or, with head ratio "auto", taken where
+  their measured cost is below what the channels they spare would cost.
 
 Every allocator removes head units greedily and then fills the rest of the target with channels, so
 the adaptive allocators land within one channel's parameters of the target (within `round_to`
@@ -17,6 +18,7 @@ within one channel per block.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,9 +37,20 @@ class AllocationConfig:
     gqa_mode: str = "kv-groups"
     prunable_layers: tuple[int, ...] | None = None  # None = every block
     round_to: int = 1  # kept FFN widths rounded to a multiple of this
-    head_ratio: float | None = None  # uniform: fraction of head units to remove (None: the same as channels)
+    # uniform: fraction of head units to remove (None: the same as channels); "auto" (sensitivity only): by
+    # the measured cost of a head unit against a channel's
+    head_ratio: float | str | None = None
     max_block_ratio: float = 0.9  # global-adaptive: most of a block's prunable parameters it may lose
     sensitivity_cap: float = 0.75  # sensitivity: most of a block's channels it may lose
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """The sensitivity allocator's cost model, per block (None where not measured): removing x channels costs
+    channels[i] · x^2, removing u head units heads[i] · u^2 (in KL; sensitivity.py measures both)."""
+
+    channels: list[float | None]
+    heads: list[float | None] | None = None  # None: heads follow the uniform rule
 
 
 @dataclass
@@ -58,7 +71,7 @@ def head_units(costs: BlockCosts, gqa_mode: str) -> _HeadUnits:
 
 def allocate(
     costs: list[BlockCosts], target_removed: int, config: AllocationConfig, scores: list[BlockScores] | None = None,
-    sensitivity: list[float | None] | None = None,
+    sensitivity: Curvature | None = None,
 ) -> list[BlockWidths]:
     """Widths per block that remove `target_removed` parameters (within one channel's parameters)."""
     layers = list(range(len(costs))) if config.prunable_layers is None else sorted(config.prunable_layers)
@@ -71,6 +84,8 @@ def allocate(
             f"cannot remove {target_removed:,} parameters from the prunable blocks (at most {most:,} while "
             "keeping one head unit and one channel per block): lower the ratio or widen the layer range"
         )
+    if config.head_ratio == "auto" and config.strategy != "sensitivity":
+        raise LlmBipError("head ratio 'auto' takes heads by their measured cost: it needs --allocation sensitivity")
     if config.strategy not in ("uniform", "sensitivity") and scores is None:
         raise LlmBipError(f"{config.strategy} allocation needs scores")
     if config.strategy == "uniform":
@@ -78,6 +93,8 @@ def allocate(
     elif config.strategy == "sensitivity":
         if sensitivity is None:
             raise LlmBipError("sensitivity allocation needs each block's measured sensitivity")
+        if (config.head_ratio == "auto") != (sensitivity.heads is not None):
+            raise LlmBipError("head ratio 'auto' needs each block's measured head sensitivity, and only it uses one")
         removed = _by_sensitivity(costs, units, layers, target_removed, config, sensitivity)
     elif config.strategy in ("block-adaptive", "global-adaptive"):
         removed = _adaptive(costs, units, layers, target_removed, config, scores)
@@ -145,42 +162,72 @@ def _uniform(costs, units, layers, target, config) -> dict[int, list[int]]:
     return removed
 
 
-def _by_sensitivity(costs, units, layers, target, config, sensitivity) -> dict[int, list[int]]:
-    """Head units as uniform; channels spread so that the predicted loss is least. A block's KL after a trial
-    cut of fraction f_t is taken as quadratic in the fraction removed, KL_i(f) = KL_i · (f / f_t)^2 (the
-    second-order behaviour of a smooth loss near its optimum); minimising Σ KL_i(f_i) for the parameters to
-    remove gives f_i ∝ channel cost / KL_i (blocks of the same shape: inversely proportional to the
-    sensitivity), capped at `sensitivity_cap` of the block's channels (or the uniform plan's share, if
-    more): the quadratic model is extrapolated from one trial cut, and on SmolLM2 at 50% letting the least
-    sensitive blocks lose up to 90% cost more than uniform on WikiText-2 @2048, while 75% beat uniform on
-    every text (docs/results.md §11)."""
-    removed = _uniform(costs, units, layers, target, config)
-    channel_params = target - sum(units[i].cost * removed[i][0] for i in layers)
-    missing = [i for i in layers if sensitivity[i] is None]
+def _by_sensitivity(costs, units, layers, target, config, curvature: Curvature) -> dict[int, list[int]]:
+    """Channels (and, with head ratio "auto", head units) spread so that the predicted loss is least.
+
+    A block's KL is taken as quadratic in what it loses (the second-order behaviour of a smooth loss near its
+    optimum), from one trial cut each (Curvature). For a given number of channel parameters, the least total
+    is reached by removing channels r_i ∝ p_i / c_i (p_i: parameters of one channel, c_i: the block's channel
+    curvature), capped at `sensitivity_cap` of the block's channels (or the uniform plan's share, if more):
+    the quadratic model is extrapolated from one trial, and on SmolLM2 at 50% letting the least sensitive
+    blocks lose up to 90% cost more than uniform on WikiText-2 @2048, while 75% beat uniform on every text
+    (docs/results.md §11). Head units are then taken one at a time, each where it lowers the predicted total
+    the most (its own cost against the channels it spares), while any does."""
+    missing = [i for i in layers if curvature.channels[i] is None]
     if missing:
         raise LlmBipError(f"no measured sensitivity for layers {missing}")
-    floor = max(max(sensitivity[i] for i in layers) * 1e-6, 1e-12)  # a block the cut leaves untouched
-    # Channels removed r_i = scale · p_i C_i^2 / KL_i (p_i: parameters of one channel, C_i: channels).
-    weight = {i: costs[i].channel * costs[i].widths.channels ** 2 / max(sensitivity[i], floor) for i in layers}
+    removed = _uniform(costs, units, layers, target, config if curvature.heads is None else
+                       dataclasses.replace(config, head_ratio=0.0))
+    channels = {i: curvature.channels[i] for i in layers}
+    floor = max(max(channels.values()) * 1e-6, 1e-30)  # a block the cut leaves untouched
+    weight = {i: costs[i].channel / max(channels[i], floor) for i in layers}
     # A block may always lose what the uniform plan takes from it, so any target uniform meets is met.
     cap = {i: min(costs[i].widths.channels - 1,
                   max(math.floor(config.sensitivity_cap * costs[i].widths.channels), removed[i][1])) for i in layers}
 
-    def spent(scale: float) -> float:
-        return sum(costs[i].channel * min(cap[i], scale * weight[i]) for i in layers)
+    def spread(channel_params: float) -> dict[int, float] | None:
+        """Channels removed per block (fractional) for `channel_params` parameters; None if they do not fit."""
+        def spent(scale: float) -> float:
+            return sum(costs[i].channel * min(cap[i], scale * weight[i]) for i in layers)
 
-    if spent(math.inf) < channel_params:
+        if channel_params <= 0:
+            return {i: 0.0 for i in layers} if channel_params == 0 else None
+        if spent(math.inf) < channel_params:
+            return None
+        low, high = 0.0, 1.0
+        while spent(high) < channel_params:
+            high *= 2
+        for _ in range(100):
+            middle = (low + high) / 2
+            low, high = (middle, high) if spent(middle) < channel_params else (low, middle)
+        return {i: min(cap[i], high * weight[i]) for i in layers}
+
+    def predicted(heads: dict[int, int]) -> tuple[float, dict[int, float] | None]:
+        share = spread(target - sum(units[i].cost * heads[i] for i in layers))
+        if share is None:
+            return math.inf, None
+        head_cost = sum((curvature.heads[i] or 0.0) * heads[i] ** 2 for i in layers) if curvature.heads else 0.0
+        return sum(channels[i] * share[i] ** 2 for i in layers) + head_cost, share
+
+    heads = {i: removed[i][0] for i in layers}
+    best, share = predicted(heads)
+    if share is None:
         raise LlmBipError(f"the target needs more channels than {config.sensitivity_cap:g} of every block's: lower "
                           "the ratio, raise --sensitivity-cap, or let heads go (--head-ratio)")
-    low, high = 0.0, 1.0
-    while spent(high) < channel_params:
-        high *= 2
-    for _ in range(100):
-        low, high = ((low + high) / 2, high) if spent((low + high) / 2) < channel_params else (low, (low + high) / 2)
-    share = {i: min(cap[i], high * weight[i]) for i in layers}
+    while curvature.heads is not None:
+        options = []
+        for i in layers:
+            if curvature.heads[i] is not None and heads[i] < units[i].count - 1:
+                loss, spread_then = predicted({**heads, i: heads[i] + 1})
+                options.append((loss, i, spread_then))
+        if not options or min(options)[0] >= best:
+            break
+        best, i, share = min(options, key=lambda option: option[:2])
+        heads[i] += 1
     for i in layers:
-        removed[i][1] = math.floor(share[i])
+        removed[i] = [heads[i], math.floor(share[i])]
     # What the floors left goes to the blocks with the largest remainders, within their caps.
+    channel_params = target - sum(units[i].cost * heads[i] for i in layers)
     left = round((channel_params - sum(costs[i].channel * removed[i][1] for i in layers)) / costs[layers[0]].channel)
     for i in sorted(layers, key=lambda i: (removed[i][1] - share[i], i)):
         if left <= 0:

@@ -80,12 +80,12 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def _head_ratio(text: str) -> float | str:
-    if text == "same":
-        return text  # PruneConfig's None ("the same fraction as channels"), told apart from "not given"
+    if text in ("same", "auto"):
+        return text  # "same" becomes PruneConfig's None ("the same fraction as channels") in _config
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("a fraction in [0, 1) or 'same'") from None
+        raise argparse.ArgumentTypeError("a fraction in [0, 1), 'same' or 'auto'") from None
 
 
 def _positive(text: str) -> int:
@@ -155,7 +155,9 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                         "(for the pass --speed-mode/--speed-batch/--speed-seq-len name; timed in seconds)")
     g.add_argument("--head-ratio", type=_head_ratio,
                    help="uniform: fraction of head units to remove (default 0: FFN channels first, heads only when "
-                        "channels run out); 'same' removes the same fraction as of channels")
+                        "channels run out); 'same' removes the same fraction as of channels; 'auto' (with "
+                        "--allocation sensitivity) also measures one head unit per block and takes heads where "
+                        "that costs less than the channels they spare")
     g.add_argument("--depth-ratio", type=float,
                    help="remove this fraction of the blocks whole, lowest block score first (rounded half up); "
                         "--ratio, if given, is the total and counts them, widths take the rest; without --ratio "

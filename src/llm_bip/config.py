@@ -42,7 +42,9 @@ class PruneConfig:
     # Defaults measured on SmolLM2-135M (docs/results.md): heads cost far more quality per parameter
     # than FFN channels, so the uniform default takes channels first (heads only once channels run
     # out); sequential calibration with a least-squares refit beats parallel and bias compensation.
-    head_ratio: float | None = 0.0
+    # "auto" (sensitivity allocation only): heads go where their measured end-to-end cost is below that of the
+    # channels they spare (sensitivity.py measures one head unit per block besides the channels).
+    head_ratio: float | str | None = 0.0
     max_block_ratio: float = 0.9
     # Sensitivity allocation: calibration samples each block's trial cut is measured on (sensitivity.py), and
     # the most of a block's channels it may remove (0.9 lost to uniform at 50% on SmolLM2, 0.75 won).
@@ -96,8 +98,13 @@ class PruneConfig:
                               "channels it may remove, e.g. 0.75")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise LlmBipError(f"round-to {self.round_to!r}: give a positive integer, or auto")
-        if self.head_ratio is not None and not 0 <= self.head_ratio < 1:
-            raise LlmBipError("head-ratio must be in [0, 1) (or 'same')")
+        if self.head_ratio == "auto":
+            if self.allocation != "sensitivity":
+                raise LlmBipError("head-ratio auto takes heads by their measured end-to-end cost: add --allocation "
+                                  "sensitivity, or give a fraction")
+        elif self.head_ratio is not None and (not isinstance(self.head_ratio, int | float)
+                                              or not 0 <= self.head_ratio < 1):
+            raise LlmBipError("head-ratio must be in [0, 1) (or 'same', or 'auto' with --allocation sensitivity)")
         if self.prunable_layers is not None and (not self.prunable_layers or min(self.prunable_layers) < 0):
             raise LlmBipError(f"layers {list(self.prunable_layers)}: give block indices from 0, e.g. 4-28")
         if self.selection == "refit-aware" and (self.compensation != "refit" or self.refit_target != "layer"):

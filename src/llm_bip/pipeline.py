@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llm_bip.activations import BlockInputs, DiskSpill, capture_block_inputs
-from llm_bip.allocation import allocate
+from llm_bip.allocation import allocate, head_units
 from llm_bip.block_loop import BlockSource, Checkpoint, InMemoryBlocks, LoopResult, Selection, prune_blocks
 from llm_bip.compensation import Compensator
 from llm_bip.config import PruneConfig
@@ -134,24 +134,41 @@ def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table
         log.warning("%s scores are not in one unit for heads and channels; %s allocation compares them anyway",
                     table.method, alloc.strategy)
     return allocate(costs, target, alloc, table.scores if table is not None else None,
-                    sensitivity.kl if sensitivity is not None else None)
+                    sensitivity.curvature() if sensitivity is not None else None)
 
 
 def measure_sensitivity(loaded: LoadedModel, costs: list[BlockCosts], target: int, config: PruneConfig,
                         samples: torch.Tensor | None, removed: Sequence[int], batch_size: int,
                         progress: bool) -> Sensitivity | None:
     """Each prunable block's end-to-end sensitivity (sensitivity.py), with a trial cut of the fraction of
-    channels the uniform plan would take from it; None where the uniform plan takes no channel."""
+    channels the uniform plan would take from it, and with head ratio "auto" of one head unit too; None where
+    there is nothing to measure."""
     if samples is None:
         raise LlmBipError("sensitivity allocation measures each block on calibration samples: give them")
-    uniform = plan_widths(costs, target, dataclasses.replace(config, allocation="uniform"), None, removed)
+    uniform = plan_widths(costs, target, _uniform_for(config), None, removed)
     measured = [i for i, (c, w) in enumerate(zip(costs, uniform, strict=True))
                 if w.channels < c.widths.channels and i not in removed]
     if not measured:
         return None
     fraction = sum(1 - uniform[i].channels / costs[i].widths.channels for i in measured) / len(measured)
+    head_trials = None
+    if config.head_ratio == "auto":
+        layers = config.prunable_layers if config.prunable_layers is not None else range(len(costs))
+        head_trials = {}
+        for i in layers:
+            unit = head_units(costs[i], config.gqa_mode)
+            if i not in removed and unit.count > 1:
+                w = costs[i].widths
+                head_trials[i] = BlockWidths(w.num_heads - unit.per_unit.num_heads,
+                                             w.num_kv_heads - unit.per_unit.num_kv_heads, w.channels)
     return measure_blocks(loaded, samples, fraction, measured, list(removed), config.sensitivity_samples,
-                          batch_size, progress)
+                          batch_size, progress, head_trials, config.gqa_mode)
+
+
+def _uniform_for(config: PruneConfig) -> PruneConfig:
+    """The uniform plan sensitivity allocation starts from (heads channels-first where 'auto' measures them)."""
+    return dataclasses.replace(config, allocation="uniform",
+                               head_ratio=0.0 if config.head_ratio == "auto" else config.head_ratio)
 
 
 def _keep_all(costs: list[BlockCosts]) -> list[BlockWidths]:
@@ -394,7 +411,7 @@ def prune(
             if measured is not None:
                 timings["sensitivity"] = measured.seconds
         if measured is None and config.allocation == "sensitivity":
-            config_for_widths = dataclasses.replace(config, allocation="uniform")  # no channel goes: nothing to spread
+            config_for_widths = _uniform_for(config)  # no channel goes: nothing to spread
         else:
             config_for_widths = config
         widths = plan_widths(costs, width_goal, config_for_widths, scores, removed,

@@ -9,6 +9,11 @@ channels is cut (its down_proj columns zeroed, put back after), the rest of the 
 KL divergence of the next-token distribution from the dense model's is the block's sensitivity. One block
 at a time is cut, on the dense model's activations, so the cost is about L/2 block passes per block over
 the subset; the allocation (allocation.py, "sensitivity") then spreads the channels to remove by it.
+
+With heads measured too (`--head-ratio auto`), each block has a second trial: one head unit (the KV group,
+or the query head of every KV group, that the prune itself would take first) is cut by zeroing its o_proj
+columns. The two KL values give the exchange rate between a head and a channel in that block, measured end
+to end instead of assumed (block-local head scores under-rate heads, docs/results.md §3).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llm_bip.activations import BlockInputs, full_precision, run_block
+from llm_bip.allocation import Curvature
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.loading import LoadedModel
+from llm_bip.plan import select
 from llm_bip.scoring import make_scorer
 from llm_bip.stats import collect_block_stats
+from llm_bip.widths import BlockWidths
 
 SENSITIVITY_NEEDS_MEMORY = ("sensitivity allocation runs the rest of the model once per block, which streaming from "
                             "disk cannot afford: use --allocation uniform with --streaming")
@@ -38,15 +46,28 @@ class Sensitivity:
 
     kl: list[float | None]
     fraction: float  # of each measured block's channels cut in its trial
+    channels_cut: list[int | None]  # channels each block's trial cut (the fraction, rounded)
     samples: int
     positions: int  # next-token distributions compared per trial
     seconds: float
+    head_kl: list[float | None] | None = None  # with one head unit cut instead; None: heads not measured
+
+    def curvature(self) -> Curvature:
+        """The allocator's cost model: a block's KL taken as quadratic in what it loses, KL · (x / trial)^2."""
+        return Curvature(
+            channels=[None if k is None else k / c**2 for k, c in zip(self.kl, self.channels_cut, strict=True)],
+            heads=self.head_kl)
 
     def to_json(self) -> dict:
-        return {"criterion": "mean KL divergence of the next-token distribution from the dense model's, with only "
-                             "this block's lowest-scoring channels cut (down_proj columns zeroed)",
-                "kl": self.kl, "trial_fraction": self.fraction, "samples": self.samples, "positions": self.positions,
-                "seconds": round(self.seconds, 2)}
+        record = {"criterion": "mean KL divergence of the next-token distribution from the dense model's, with only "
+                               "this block's lowest-scoring channels cut (down_proj columns zeroed)",
+                  "kl": self.kl, "trial_fraction": self.fraction, "trial_channels": self.channels_cut,
+                  "samples": self.samples, "positions": self.positions, "seconds": round(self.seconds, 2)}
+        if self.head_kl is not None:
+            record["head_kl"] = self.head_kl
+            record["head_criterion"] = ("the same KL with only this block's first head unit to go cut (o_proj "
+                                        "columns zeroed), instead of channels")
+        return record
 
 
 def _log_probs(loaded: LoadedModel, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,9 +93,12 @@ def _run(blocks, inputs: BlockInputs, layers: list[int]) -> BlockInputs:
 @torch.no_grad()
 def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, measured: list[int],
                    skipped: list[int] = (), num_samples: int = 8, batch_size: int = 8,
-                   progress: bool = True) -> Sensitivity:
+                   progress: bool = True, head_trials: dict[int, BlockWidths] | None = None,
+                   gqa_mode: str = "kv-groups") -> Sensitivity:
     """The sensitivity of each block in `measured` to losing `fraction` of its channels, on the first
-    `num_samples` calibration samples (blocks in `skipped`, removed whole by the plan, do not run)."""
+    `num_samples` calibration samples (blocks in `skipped`, removed whole by the plan, do not run). With
+    `head_trials` (block -> its widths with one head unit fewer), each of those blocks is also measured with
+    the heads the prune would take first at those widths (in `gqa_mode`) cut instead."""
     from llm_bip.pipeline import catch_inputs, geometry
 
     if loaded.streamed:
@@ -89,30 +113,44 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
     inputs = catch_inputs(loaded, subset, batch_size)
     dense = _log_probs(loaded, _run(blocks, inputs, order).hidden)
     kl: list[float | None] = [None] * len(blocks)
+    cut: list[int | None] = [None] * len(blocks)
+    head_trials = head_trials or {}
+    head_kl: list[float | None] | None = [None] * len(blocks) if head_trials else None
     todo = set(measured)
-    scorer = make_scorer("llm-bip", lipschitz="none")  # the channel scores the prune itself ranks by
+    # The scores the prune itself ranks by (the Lipschitz factor is one number per block: it orders nothing
+    # within a block).
+    scorer = make_scorer("llm-bip", lipschitz="none")
     for position, i in enumerate(tqdm(order, desc="block sensitivity", disable=not progress)):
-        if i in todo:
+        if i in todo or i in head_trials:
             parts, shape = adapter.parts(blocks[i]), geometry(loaded, i)
             stats, after = collect_block_stats(blocks[i], parts, inputs, scorer.stats_request(), i, shape.group_width)
-            channels = scorer.score_block(parts, stats, shape).channels
+            scores = scorer.score_block(parts, stats, shape)
             del stats
-            kl[i] = _trial(loaded, blocks, inputs, order[position:], parts.down_proj, channels, fraction, dense)
+            rest = order[position:]
+            if i in todo:
+                cut[i] = max(1, round(fraction * parts.down_proj.weight.shape[1]))
+                kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj,
+                               torch.argsort(scores.channels)[: cut[i]], dense)
+            if i in head_trials:
+                kept = select(scores.heads, scores.groups, scores.channels, head_trials[i], gqa_mode, i).keep_heads
+                gone = [h for h in range(shape.num_heads) if h not in set(kept)]
+                columns = torch.cat([torch.arange(h * shape.head_dim, (h + 1) * shape.head_dim) for h in gone])
+                head_kl[i] = _trial(loaded, blocks, inputs, rest, parts.o_proj, columns, dense)
         else:
             after = run_block(blocks[i], inputs, layer=i)
         inputs = after
-    return Sensitivity(kl, fraction, subset.shape[0], sum(p.shape[0] * p.shape[1] for p in dense),
-                       time.perf_counter() - started)
+    return Sensitivity(kl, fraction, cut, subset.shape[0], sum(p.shape[0] * p.shape[1] for p in dense),
+                       time.perf_counter() - started, head_kl)
 
 
-def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], down, channel_scores: torch.Tensor,
-           fraction: float, dense: list[torch.Tensor]) -> float:
-    """KL from the dense model with the lowest-scoring `fraction` of `down`'s input channels cut."""
-    weight = down.weight
-    cut = torch.argsort(channel_scores)[: max(1, round(fraction * weight.shape[1]))].to(weight.device)
-    saved = weight[:, cut].clone()
-    weight[:, cut] = 0
+def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], projection, columns: torch.Tensor,
+           dense: list[torch.Tensor]) -> float:
+    """KL from the dense model with `columns` of `projection`'s input cut (zeroed, then put back)."""
+    weight = projection.weight
+    columns = columns.to(weight.device)
+    saved = weight[:, columns].clone()
+    weight[:, columns] = 0
     try:
         return _kl(dense, _log_probs(loaded, _run(blocks, inputs, layers).hidden))
     finally:
-        weight[:, cut] = saved
+        weight[:, columns] = saved
