@@ -14,13 +14,19 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
 
-Runs whose result is already in `--out` are skipped, so the file fills run by run.
+Runs whose result is already in `--out` are skipped, so the file fills run by run. `--prune-options`
+starts every run from another prune (flags appended to `llm-bip prune`, which take precedence), e.g.
+
+    python benchmarks/bench_distill.py --ratio 0.2 --runs lora-lm-1e-3 --minutes 30 \
+        --prune-options "--num-samples 128 --allocation sensitivity" \
+        --out benchmarks/results/distill_smollm2_sensitivity.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -57,12 +63,20 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--work", help="folder for the pruned and trained models (default: a new temporary one)")
+    parser.add_argument("--prune-options", default="",
+                        help="more `llm-bip prune` flags for the model every run starts from (they win over the "
+                             "defaults here)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="llm-bip-distill-"))
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    result.update(ratio=args.ratio, minutes=args.minutes, windows={str(k): v for k, v in WINDOWS.items()},
+    prune_options = shlex.split(args.prune_options)
+    if result.get("prune_options", []) != prune_options and (result["runs"] or "pruned" in result):
+        raise SystemExit(f"{out} holds runs from a prune with options {result.get('prune_options', [])}: give "
+                         "another --out")
+    result.update(ratio=args.ratio, minutes=args.minutes, prune_options=prune_options,
+                  windows={str(k): v for k, v in WINDOWS.items()},
                   torch_threads=torch.get_num_threads(),
                   command="python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]))
 
@@ -71,7 +85,7 @@ def main() -> None:
         # 64 calibration samples: the default when this benchmark's first runs were measured, pinned so that
         # every run in one results file starts from the same pruned model.
         llm_bip("prune", "--ratio", str(args.ratio), "--num-samples", "64", "--output", str(pruned), "--eval", "none",
-                "--quiet")
+                "--quiet", *prune_options)
     text = work / "wikipedia.txt"
     text.write_text(load_text("wikipedia"))
     teacher = str(default_model_gguf())
