@@ -41,6 +41,16 @@ def test_channels_go_in_inverse_proportion_to_the_sensitivity_and_hit_the_target
     assert all(w.num_heads == 4 for w in widths)  # heads as uniform with head-ratio 0: none go
 
 
+def test_a_lower_exponent_spares_the_sensitive_blocks_more():
+    # KL_i = c_i x^1.5: the optimum removes r_i ∝ (1 / c_i)^(1 / 0.5) = 1/16 : 1 : 1 : 1/4 of 120 channels
+    widths = allocate(_costs(), 3 * 120, AllocationConfig(strategy="sensitivity", head_ratio=0.0), None,
+                      Curvature([4.0, 1.0, 1.0, 2.0], exponent=1.5))
+    removed = [100 - w.channels for w in widths]
+    assert sum(removed) == 120 and removed == pytest.approx([3.2, 51.9, 51.9, 13.0], abs=1)
+    with pytest.raises(LlmBipError, match="sensitivity exponent 1.0 is outside"):
+        PruneConfig(allocation="sensitivity", sensitivity_exponent=1.0).validate()
+
+
 def test_a_block_is_capped_and_the_others_take_the_rest():
     costs = _costs()
     widths = allocate(costs, 3 * 200, AllocationConfig(strategy="sensitivity", head_ratio=0.0, sensitivity_cap=0.6),
@@ -212,6 +222,7 @@ def test_cli_prunes_by_sensitivity_and_refuses_it_with_streaming(cli_model, tmp_
     for flags, message in ((["--allocation", "sensitivity", "--streaming"], "use --allocation uniform with --streaming"),
                            (["--sensitivity-samples", "2"], "--sensitivity-samples cannot apply"),
                            (["--sensitivity-cap", "0.5"], "--sensitivity-cap cannot apply"),
+                           (["--sensitivity-exponent", "1.5"], "--sensitivity-exponent cannot apply"),
                            (["--head-ratio", "auto"], "add --allocation sensitivity")):
         bad = tmp_path / "bad"
         assert _cli(cli_model, "prune", "--output", str(bad), "--ratio", "0.3", *flags) == 2

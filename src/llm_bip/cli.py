@@ -57,11 +57,12 @@ DEFAULTS = PruneConfig()
 # ones that say how the cut is repaired (they apply on top of a plan too).
 STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
                     "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks", "sensitivity_samples",
-                    "sensitivity_cap")
+                    "sensitivity_cap", "sensitivity_exponent")
 REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target", "refit_intercept")
 # What only width pruning uses: with blocks to remove and no --ratio, nothing inside the other blocks is cut.
 WIDTH_FIELDS = ("method", "lipschitz", "ratio_of", "allocation", "gqa_mode", "round_to", "head_ratio", "selection",
-                "sensitivity_samples", "sensitivity_cap", "compensation", "refit_target", "refit_intercept")
+                "sensitivity_samples", "sensitivity_cap", "sensitivity_exponent", "compensation", "refit_target",
+                "refit_intercept")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -146,6 +147,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sensitivity-cap", type=float,
                    help=f"sensitivity allocation: the most of a block's channels it may remove (default "
                         f"{DEFAULTS.sensitivity_cap})")
+    g.add_argument("--sensitivity-exponent", type=float,
+                   help=f"sensitivity allocation: how a block's KL grows with the fraction of it removed, KL ∝ "
+                        f"f^a (default {DEFAULTS.sensitivity_exponent:g}); the lower, the more the sensitive "
+                        "blocks are spared"),
     g.add_argument("--gqa-mode", choices=GQA_MODES,
                    help="prune whole KV groups (default), or the same number of query heads in every group")
     g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
@@ -269,7 +274,7 @@ def _config(args) -> PruneConfig:
                               "blocks only, and nothing inside the other blocks is cut; give --ratio (the total "
                               "fraction, the removed blocks included) to prune widths too")
     config = dataclasses.replace(DEFAULTS, **changes).validate()
-    given = _explicit(args, ("sensitivity_samples", "sensitivity_cap"))
+    given = _explicit(args, ("sensitivity_samples", "sensitivity_cap", "sensitivity_exponent"))
     if given and config.allocation != "sensitivity":
         raise LlmBipError(f"{', '.join(given)} cannot apply: {config.allocation} allocation measures no sensitivity; "
                           "add --allocation sensitivity or drop it")

@@ -50,6 +50,8 @@ class PruneConfig:
     # the most of a block's channels it may remove (0.9 lost to uniform at 50% on SmolLM2, 0.75 won).
     sensitivity_samples: int = 8
     sensitivity_cap: float = 0.75
+    # How a block's KL grows with the fraction it loses (KL ∝ f^exponent), from which the allocation follows.
+    sensitivity_exponent: float = 2.0
     calibration_mode: str = "sequential"
     compensation: str = "refit"
     lipschitz: str = "jvp"
@@ -96,6 +98,9 @@ class PruneConfig:
         if not isinstance(self.sensitivity_cap, int | float) or not 0 < self.sensitivity_cap < 1:
             raise LlmBipError(f"sensitivity cap {self.sensitivity_cap!r} is outside (0, 1): give the most of a block's "
                               "channels it may remove, e.g. 0.75")
+        if not isinstance(self.sensitivity_exponent, int | float) or not 1 < self.sensitivity_exponent <= 4:
+            raise LlmBipError(f"sensitivity exponent {self.sensitivity_exponent!r} is outside (1, 4]: give how a "
+                              "block's KL grows with the fraction of it removed, e.g. 2 (quadratic)")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise LlmBipError(f"round-to {self.round_to!r}: give a positive integer, or auto")
         if self.head_ratio == "auto":

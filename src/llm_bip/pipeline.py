@@ -134,7 +134,7 @@ def plan_widths(costs: list[BlockCosts], target: int, config: PruneConfig, table
         log.warning("%s scores are not in one unit for heads and channels; %s allocation compares them anyway",
                     table.method, alloc.strategy)
     return allocate(costs, target, alloc, table.scores if table is not None else None,
-                    sensitivity.curvature() if sensitivity is not None else None)
+                    sensitivity.curvature(config.sensitivity_exponent) if sensitivity is not None else None)
 
 
 def measure_sensitivity(loaded: LoadedModel, costs: list[BlockCosts], target: int, config: PruneConfig,

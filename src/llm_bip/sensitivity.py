@@ -52,11 +52,12 @@ class Sensitivity:
     seconds: float
     head_kl: list[float | None] | None = None  # with one head unit cut instead; None: heads not measured
 
-    def curvature(self) -> Curvature:
-        """The allocator's cost model: a block's KL taken as quadratic in what it loses, KL · (x / trial)^2."""
+    def curvature(self, exponent: float = 2.0) -> Curvature:
+        """The allocator's cost model: a block's KL taken as a power of what it loses, KL · (x / trial)^exponent
+        (one head unit is its trial)."""
         return Curvature(
-            channels=[None if k is None else k / c**2 for k, c in zip(self.kl, self.channels_cut, strict=True)],
-            heads=self.head_kl)
+            channels=[None if k is None else k / c**exponent for k, c in zip(self.kl, self.channels_cut, strict=True)],
+            heads=self.head_kl, exponent=exponent)
 
     def to_json(self) -> dict:
         record = {"criterion": "mean KL divergence of the next-token distribution from the dense model's, with only "
