@@ -170,10 +170,10 @@ def _by_sensitivity(costs, units, layers, target, config, curvature: Curvature) 
     A block's KL is taken as a power a of what it loses, c_i x^a, from one trial cut each (Curvature; a = 2,
     the second-order behaviour of a smooth loss near its optimum, unless measured otherwise). For a given
     number of channel parameters, the least total is reached by removing channels r_i ∝ (p_i / c_i)^(1/(a-1))
-    (p_i: parameters of one channel; for a = 2 simply p_i / c_i), capped at `sensitivity_cap` of the block's channels (or the uniform plan's share, if more):
-    the quadratic model is extrapolated from one trial, and on SmolLM2 at 50% letting the least sensitive
-    blocks lose up to 90% cost more than uniform on WikiText-2 @2048, while 75% beat uniform on every text
-    (docs/results.md §11). Head units are then taken one at a time, each where it lowers the predicted total
+    (p_i: parameters of one channel; for a = 2 simply p_i / c_i), capped at `sensitivity_cap` of the block's
+    channels (or the uniform plan's share, if more): the model is extrapolated from one trial, and on SmolLM2
+    at 50% letting the least sensitive blocks lose up to 90% cost more than uniform on WikiText-2 @2048, while
+    75% beat uniform on every text (docs/results.md §11). Head units are then taken one at a time, each where it lowers the predicted total
     the most (its own cost against the channels it spares), while any does."""
     missing = [i for i in layers if curvature.channels[i] is None]
     if missing:

@@ -150,7 +150,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sensitivity-exponent", type=float,
                    help=f"sensitivity allocation: how a block's KL grows with the fraction of it removed, KL ∝ "
                         f"f^a (default {DEFAULTS.sensitivity_exponent:g}); the lower, the more the sensitive "
-                        "blocks are spared"),
+                        "blocks are spared")
     g.add_argument("--gqa-mode", choices=GQA_MODES,
                    help="prune whole KV groups (default), or the same number of query heads in every group")
     g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
