@@ -78,7 +78,7 @@ def main() -> None:
     result.update(ratio=args.ratio, minutes=args.minutes, prune_options=prune_options,
                   windows={str(k): v for k, v in WINDOWS.items()},
                   torch_threads=torch.get_num_threads(),
-                  command="python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]))
+                  command="python benchmarks/bench_distill.py " + shlex.join(sys.argv[1:]))
 
     pruned = work / f"pruned-{args.ratio}"
     if not pruned.is_dir():
