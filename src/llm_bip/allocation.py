@@ -108,10 +108,11 @@ def allocate(
         raise LlmBipError(f"unknown allocation '{config.strategy}': use one of {', '.join(ALLOCATIONS)}")
     if config.round_to > 1:
         removed = _round_channels(costs, units, removed, target_removed, config.round_to, layers)
-    return [_widths(costs[i], units[i], *removed[i]) for i in range(len(costs))]
+    return [widths_after(costs[i], units[i], *removed[i]) for i in range(len(costs))]
 
 
-def _widths(costs: BlockCosts, units: _HeadUnits, head_units_removed: int, channels_removed: int) -> BlockWidths:
+def widths_after(costs: BlockCosts, units: _HeadUnits, head_units_removed: int, channels_removed: int) -> BlockWidths:
+    """A block's widths once `head_units_removed` head units and `channels_removed` channels are gone."""
     return BlockWidths(
         costs.widths.num_heads - head_units_removed * units.per_unit.num_heads,
         costs.widths.num_kv_heads - head_units_removed * units.per_unit.num_kv_heads,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llm_bip.activations import BlockInputs, DiskSpill, capture_block_inputs
-from llm_bip.allocation import allocate, head_units
+from llm_bip.allocation import allocate, head_units, widths_after
 from llm_bip.block_loop import BlockSource, Checkpoint, InMemoryBlocks, LoopResult, Selection, prune_blocks
 from llm_bip.compensation import Compensator
 from llm_bip.config import PruneConfig
@@ -158,9 +158,7 @@ def measure_sensitivity(loaded: LoadedModel, costs: list[BlockCosts], target: in
         for i in layers:
             unit = head_units(costs[i], config.gqa_mode)
             if i not in removed and unit.count > 1:
-                w = costs[i].widths
-                head_trials[i] = BlockWidths(w.num_heads - unit.per_unit.num_heads,
-                                             w.num_kv_heads - unit.per_unit.num_kv_heads, w.channels)
+                head_trials[i] = widths_after(costs[i], unit, 1, 0)
     return measure_blocks(loaded, samples, fraction, measured, list(removed), config.sensitivity_samples,
                           batch_size, progress, head_trials, config.gqa_mode)
 

@@ -33,6 +33,7 @@ from llm_bip.loading import LoadedModel
 from llm_bip.plan import select
 from llm_bip.scoring import make_scorer
 from llm_bip.stats import collect_block_stats
+from llm_bip.surgery import head_columns
 from llm_bip.widths import BlockWidths
 
 SENSITIVITY_NEEDS_MEMORY = ("sensitivity allocation runs the rest of the model once per block, which streaming from "
@@ -135,8 +136,8 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
             if i in head_trials:
                 kept = select(scores.heads, scores.groups, scores.channels, head_trials[i], gqa_mode, i).keep_heads
                 gone = [h for h in range(shape.num_heads) if h not in set(kept)]
-                columns = torch.cat([torch.arange(h * shape.head_dim, (h + 1) * shape.head_dim) for h in gone])
-                head_kl[i] = _trial(loaded, blocks, inputs, rest, parts.o_proj, columns, dense)
+                head_kl[i] = _trial(loaded, blocks, inputs, rest, parts.o_proj, head_columns(gone, shape.head_dim),
+                                    dense)
         else:
             after = run_block(blocks[i], inputs, layer=i)
         inputs = after
