@@ -22,9 +22,10 @@ from llm_bip.errors import LlmBipError
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = "wikipedia"
-# 128 samples of 256 tokens: 64 left Qwen2.5-Coder's refit short of data (its 4,864 down_proj inputs) and
-# 128 measured better on every text at 20/30/50% on SmolLM2 and Qwen (docs/results.md §11).
-DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN = 128, 256
+# 256 samples of 256 tokens: the refit estimates down_proj's input Gram from these tokens, and each doubling
+# (64 -> 128 -> 256) measured better on nearly every text at 20/30/50% on SmolLM2 and Qwen2.5-Coder
+# (docs/results.md §11); a large model's kept FFN width (Llama-2-70B at 20%: 22,938) needs more tokens than that.
+DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN = 256, 256
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 OFFLINE_SOURCES = ("wikipedia", "lee", "newsgroups")
 _WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
