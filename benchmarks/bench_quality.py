@@ -7,7 +7,8 @@ at several ratios, on WikiText-2 and on two texts neither calibrated nor tuned o
         --ratios 0.2 --variants default none --texts wikitext --windows-128 50 --lengths 128 --out ...
 
 A variant is a name from VARIANTS (PruneConfig changes, and calibration changes), or name:key=value,...
-with PruneConfig fields (numbers and None parsed). Results are written after every run, so a long run
+with PruneConfig fields (numbers and None parsed) or calibration keys (num_samples, seq_len, source, and
+calibration_seed: the seed that draws the samples, as `seed` is PruneConfig's own). Results are written after every run, so a long run
 keeps what it has. Everything runs in one process: the dense model is loaded once and copied per run.
 """
 
@@ -60,8 +61,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        parsed = None if value == "None" else _number(value)
-        (config if key.replace("-", "_") in fields else calibration)[key.replace("-", "_")] = parsed
+        key, parsed = key.replace("-", "_"), None if value == "None" else _number(value)
+        if key == "calibration_seed":
+            calibration["seed"] = parsed
+        else:
+            (config if key in fields else calibration)[key] = parsed
     return spec, config, calibration
 
 
