@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIBRATION = "wikipedia"
 # 256 samples of 256 tokens: the refit estimates down_proj's input Gram from these tokens, and each doubling
 # (64 -> 128 -> 256) measured better on nearly every text at 20/30/50% on SmolLM2 and Qwen2.5-Coder
-# (docs/results.md §11); a large model's kept FFN width (Llama-2-70B at 20%: 22,938) needs more tokens than that.
+# (docs/results.md §11, Qwen at 30% a draw); the refit needs more tokens than the FFN inputs it keeps
+# (Llama-2-70B at 20%: 22,938).
 DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN = 256, 256
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
 OFFLINE_SOURCES = ("wikipedia", "lee", "newsgroups")
