@@ -9,7 +9,8 @@ at several ratios, on WikiText-2 and on two texts neither calibrated nor tuned o
 A variant is a name from VARIANTS (PruneConfig changes, and calibration changes), or name:key=value,...
 with PruneConfig fields (numbers and None parsed) or calibration keys (num_samples, seq_len, source, and
 calibration_seed: the seed that draws the samples, as `seed` is PruneConfig's own). Results are written
-after every run, so a long run keeps what it has. Everything runs in one process: the dense model is loaded once and copied per run.
+after every run, so a long run keeps what it has. Everything runs in one process: the dense model is
+loaded once and copied per run.
 """
 
 from __future__ import annotations
