@@ -59,14 +59,19 @@ VARIANTS: dict[str, tuple[dict, dict]] = {  # name: (PruneConfig changes, calibr
 def parse_variant(spec: str) -> tuple[str, dict, dict]:
     name, _, rest = spec.partition(":")
     config, calibration = (dict(VARIANTS[name][0]), dict(VARIANTS[name][1])) if name in VARIANTS else ({}, {})
-    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    fields = {f.name for f in dataclasses.fields(PruneConfig)} | {"iterative_steps"}  # the last is main()'s own
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         key, parsed = key.replace("-", "_"), None if value == "None" else _number(value)
-        if key == "calibration_seed":
+        if key in fields:
+            config[key] = parsed
+        elif key == "calibration_seed":
             calibration["seed"] = parsed
-        else:
-            (config if key in fields else calibration)[key] = parsed
+        elif key in CALIBRATION and key != "seed":
+            calibration[key] = parsed
+        else:  # a typo would otherwise be dropped, and the run recorded as if it had applied
+            valid = sorted(fields | {"calibration_seed"} | set(CALIBRATION) - {"seed"})
+            raise SystemExit(f"variant {spec!r}: unknown key {key!r}; use one of {', '.join(valid)}")
     return spec, config, calibration
 
 
