@@ -58,7 +58,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {  # name: (PruneConfig changes, calibr
 
 def parse_variant(spec: str) -> tuple[str, dict, dict]:
     name, _, rest = spec.partition(":")
-    config, calibration = (dict(VARIANTS[name][0]), dict(VARIANTS[name][1])) if name in VARIANTS else ({}, {})
+    if name not in VARIANTS:  # a mistyped name would otherwise run the default under the typo's label
+        raise SystemExit(f"variant {spec!r}: unknown name {name!r}; use one of {', '.join(VARIANTS)}")
+    config, calibration = dict(VARIANTS[name][0]), dict(VARIANTS[name][1])
     fields = {f.name for f in dataclasses.fields(PruneConfig)} | {"iterative_steps"}  # the last is main()'s own
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
