@@ -134,8 +134,9 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                 kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj,
                                torch.argsort(scores.channels)[: cut[i]], dense)
             if i in head_trials:
-                kept = select(scores.heads, scores.groups, scores.channels, head_trials[i], gqa_mode, i).keep_heads
-                gone = [h for h in range(shape.num_heads) if h not in set(kept)]
+                kept = set(select(scores.heads, scores.groups, scores.channels, head_trials[i], gqa_mode,
+                                  i).keep_heads)
+                gone = [h for h in range(shape.num_heads) if h not in kept]
                 head_kl[i] = _trial(loaded, blocks, inputs, rest, parts.o_proj, head_columns(gone, shape.head_dim),
                                     dense)
         else:
