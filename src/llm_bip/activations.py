@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,7 +224,3 @@ def _disabled():
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in `x`: its min and max carry any (17x faster than isfinite(x).all() on CPU)."""
     return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
-
-
-def iterate_batches(inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, dict]]:
-    yield from zip(inputs.hidden, inputs.kwargs, strict=True)
