@@ -62,6 +62,7 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
         raise SystemExit(f"variant {spec!r}: unknown name {name!r}; use one of {', '.join(VARIANTS)}")
     config, calibration = dict(VARIANTS[name][0]), dict(VARIANTS[name][1])
     fields = {f.name for f in dataclasses.fields(PruneConfig)} | {"iterative_steps"}  # the last is main()'s own
+    calibration_keys = set(CALIBRATION) - {"seed"}  # the samples' seed is `calibration_seed`
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         key, parsed = key.replace("-", "_"), None if value == "None" else _number(value)
@@ -69,10 +70,10 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             config[key] = parsed
         elif key == "calibration_seed":
             calibration["seed"] = parsed
-        elif key in CALIBRATION and key != "seed":
+        elif key in calibration_keys:
             calibration[key] = parsed
         else:  # a typo would otherwise be dropped, and the run recorded as if it had applied
-            valid = sorted(fields | {"calibration_seed"} | set(CALIBRATION) - {"seed"})
+            valid = sorted(fields | calibration_keys | {"calibration_seed"})
             raise SystemExit(f"variant {spec!r}: unknown key {key!r}; use one of {', '.join(valid)}")
     return spec, config, calibration
 
