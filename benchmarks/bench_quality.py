@@ -100,7 +100,8 @@ def with_depth(changes: dict, ratio: float, lm) -> dict:
     return changes
 
 
-def evaluate(lm, texts: dict, lengths: list[int], windows: dict, skip: set | frozenset = frozenset()) -> dict:
+def evaluate(lm, texts: dict, lengths: list[int], windows: dict, skip: set | frozenset = frozenset(),
+             dtype: str = "bfloat16") -> dict:
     """Perplexity per text@length; `windows[(text, length)]` or `windows[length]` windows (from the start)."""
     out = {}
     for name, ids in texts.items():
@@ -108,7 +109,7 @@ def evaluate(lm, texts: dict, lengths: list[int], windows: dict, skip: set | fro
             if f"{name}@{n}" in skip:
                 continue
             count = windows.get((name, n), windows[n])
-            r = api.evaluate(lm, [name], [n], max_windows=count, progress=False, tokenized={name: ids})
+            r = api.evaluate(lm, [name], [n], max_windows=count, progress=False, tokenized={name: ids}, dtype=dtype)
             out[f"{name}@{n}"] = r[f"{name}@{n}"]["perplexity"]
     return out
 
@@ -124,14 +125,20 @@ def main() -> None:
     parser.add_argument("--windows-2048", type=int, default=40)
     parser.add_argument("--other-windows-2048", type=int,
                         help="windows at 2048 of the texts other than WikiText-2 (default: --windows-2048)")
+    parser.add_argument("--weights-dtype", default="auto",
+                        help="the model's weights (auto: the checkpoint's, bf16 for a GGUF file); float32 where the "
+                             "CPU has no bf16 matrix units (benchmarks/bench_bf16_matmul.py)")
+    parser.add_argument("--compute-dtype", default="bfloat16", help="what the prune's passes and evaluation compute "
+                                                                     "in (float32 with float32 weights on such a CPU)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    result.update(model=args.model, texts=args.texts, calibration_default=CALIBRATION,
+    result.update(model=args.model, texts=args.texts, calibration_default=CALIBRATION, weights_dtype=args.weights_dtype,
+                  compute_dtype=args.compute_dtype,
                   command="python benchmarks/bench_quality.py " + " ".join(__import__("sys").argv[1:]))
-    dense = api.load(args.model)
+    dense = api.load(args.model, weights_dtype=args.weights_dtype)
     dense_counts = count_parameters(dense.model, dense.adapter)
     texts = {name: tokenize(dense.tokenizer, load_text(TEXTS[name], split="test")) for name in args.texts}
     windows: dict = {128: args.windows_128, 2048: args.windows_2048}
@@ -140,7 +147,7 @@ def main() -> None:
         windows.update({(name, 2048): args.other_windows_2048 for name in texts if name != "wikitext"})
     result["windows"] = {f"{k[0]}@{k[1]}" if isinstance(k, tuple) else str(k): v for k, v in windows.items()}
     result.setdefault("dense", {})
-    missing = evaluate(dense, texts, args.lengths, windows, skip=set(result["dense"]))
+    missing = evaluate(dense, texts, args.lengths, windows, skip=set(result["dense"]), dtype=args.compute_dtype)
     if missing:
         result["dense"].update(missing)
         out.write_text(json.dumps(result, indent=1))
@@ -166,7 +173,7 @@ def main() -> None:
                 done, goal = ratio * (step - 1) / steps, ratio * step / steps
                 config = dataclasses.replace(PruneConfig(ratio=(goal - done) / (1 - done)),
                                              **with_depth(options, ratio, dense))
-                pruned = api.prune(lm, config, samples, info, progress=False)
+                pruned = api.prune(lm, config, samples, info, progress=False, dtype=args.compute_dtype)
             seconds = time.perf_counter() - start
             blocks = pruned.report["compensation"]["blocks"]
             result["runs"][run_key] = {
@@ -177,7 +184,7 @@ def main() -> None:
                 "channels_kept": [len(b.keep_channels) for b in pruned.plan.blocks],
                 "timings_seconds": pruned.report["timings_seconds"],
                 "compensation_kept": sorted({v.split(":")[0] for b in blocks for v in b.values()}),
-                "perplexity": evaluate(lm, texts, args.lengths, windows),
+                "perplexity": evaluate(lm, texts, args.lengths, windows, dtype=args.compute_dtype),
             }
             print(run_key, result["runs"][run_key]["perplexity"], f"{seconds:.1f}s", flush=True)
             out.write_text(json.dumps(result, indent=1))

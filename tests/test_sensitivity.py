@@ -119,6 +119,59 @@ def test_a_head_trial_measures_what_losing_the_prunes_first_heads_costs_the_whol
     assert result.head_kl[1] == pytest.approx(_kl_every_4th(dense, cut), rel=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_refit_trial_measures_the_cut_as_the_prune_makes_it(family):
+    """With a refit, a channel trial costs what the same channels cost the whole model once down_proj's kept
+    columns are refit by the prune's own compensation on the fit samples (the dense model's inputs to it)."""
+    from llm_bip.compensation import RefitCompensation
+    from llm_bip.plan import BlockPlan
+    from llm_bip.stats import BlockStats
+
+    lm = tiny_model(family)
+    with torch.no_grad():
+        for block in lm.adapter.blocks(lm.model):
+            parts = lm.adapter.parts(block)
+            parts.down_proj.weight.mul_(20)  # FFNs that matter: the tiny models' own move the logits by noise
+            # Channel j + half a weaker twin of channel j (the same activation, a third of its output), as real
+            # FFNs have channels the others can rebuild: the trial cuts the twins, and the refit rebuilds them
+            half = parts.down_proj.in_features // 2
+            for linear in (parts.gate_proj, parts.up_proj):
+                linear.weight[half:] = linear.weight[:half]
+            parts.down_proj.weight[:, half:] = parts.down_proj.weight[:, :half] / 3
+    before = copy.deepcopy(lm.model.state_dict())
+    samples = tiny_samples(24, 16)
+    measured, fit = samples[:4], samples[4:24]  # 320 tokens fit ~60 inputs
+    refit = PruneConfig().compensator(lm.adapter)
+    result = measure_blocks(lm, samples, 0.4, measured=[0, 1], num_samples=4, progress=False, refit=refit,
+                            refit_samples=20)
+    plain = measure_blocks(lm, samples, 0.4, measured=[0, 1], num_samples=4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert result.refit_kept == [("refit (no intercept)" if family == "qwen2" else "refit")] * 2 + [None] * (lm.adapter.num_blocks - 2)
+    assert result.to_json()["refit_samples"] == 20 and plain.to_json().get("refit_samples") is None
+    block = lm.adapter.blocks(lm.model)[1]
+    down = lm.adapter.parts(block).down_proj
+    captured = []
+    handle = down.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1, down.in_features).double()))
+    with torch.no_grad():
+        lm.model(fit)
+    handle.remove()
+    x = torch.cat(captured)
+    stats = BlockStats(tokens=len(x), attn_sum=torch.zeros(down.out_features), ffn_sum=x.sum(0).float(), ffn_gram=(x.T @ x).float())
+    channels = score(lm, make_scorer("llm-bip", lipschitz="none"), measured, 8, progress=False).scores[1].channels
+    removed = torch.argsort(channels)[: result.channels_cut[1]]
+    keep = sorted(set(range(down.in_features)) - set(removed.tolist()))
+    with torch.no_grad():
+        dense = lm.model(measured).logits
+        widths = lm.adapter.widths(block)
+        everything = BlockPlan(1, list(range(widths.num_heads)), list(range(widths.num_kv_heads)), keep)
+        RefitCompensation(intercept=refit.intercept).compensate(lm.adapter, block, everything, stats, None)
+        down.weight[:, removed] = 0
+        cut = lm.model(measured).logits
+    # (the refit rebuilds nearly all of the cut, so what is left is mostly float32 noise, under a hundredth of the plain cut)
+    assert result.kl[1] == pytest.approx(_kl_every_4th(dense, cut), rel=2e-2, abs=plain.kl[1] * 1e-2)
+    assert result.kl[1] < plain.kl[1] / 10  # the refit moved the cut twins' work onto the kept ones
+
+
 def test_measuring_restores_every_weight_and_skips_removed_blocks():
     lm = tiny_model("llama")
     before = copy.deepcopy(lm.model.state_dict())
@@ -205,6 +258,11 @@ def test_sensitivity_allocation_refuses_what_it_cannot_do():
         PruneConfig(allocation="sensitivity", sensitivity_cap=1.0).validate()
     with pytest.raises(LlmBipError, match="head-ratio auto takes heads by their measured end-to-end cost"):
         PruneConfig(head_ratio="auto").validate()
+    with pytest.raises(LlmBipError, match="sensitivity refit samples cannot apply"):
+        PruneConfig(allocation="sensitivity", sensitivity_refit_samples=4, compensation="bias").validate()
+    with pytest.raises(LlmBipError, match="give --num-samples 12 or more"):
+        api.prune(lm, PruneConfig(ratio=0.3, allocation="sensitivity", sensitivity_samples=4,
+                                  sensitivity_refit_samples=8), samples, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +281,7 @@ def test_cli_prunes_by_sensitivity_and_refuses_it_with_streaming(cli_model, tmp_
                            (["--sensitivity-samples", "2"], "--sensitivity-samples cannot apply"),
                            (["--sensitivity-cap", "0.5"], "--sensitivity-cap cannot apply"),
                            (["--sensitivity-exponent", "1.5"], "--sensitivity-exponent cannot apply"),
+                           (["--sensitivity-refit-samples", "2"], "--sensitivity-refit-samples cannot apply"),
                            (["--head-ratio", "auto"], "add --allocation sensitivity")):
         bad = tmp_path / "bad"
         assert _cli(cli_model, "prune", "--output", str(bad), "--ratio", "0.3", *flags) == 2

@@ -57,12 +57,12 @@ DEFAULTS = PruneConfig()
 # ones that say how the cut is repaired (they apply on top of a plan too).
 STRUCTURE_FIELDS = ("method", "ratio", "ratio_of", "allocation", "gqa_mode", "prunable_layers", "round_to",
                     "head_ratio", "lipschitz", "selection", "depth_ratio", "remove_blocks", "sensitivity_samples",
-                    "sensitivity_cap", "sensitivity_exponent")
+                    "sensitivity_cap", "sensitivity_exponent", "sensitivity_refit_samples")
 REPAIR_FIELDS = ("calibration_mode", "compensation", "refit_target", "refit_intercept")
 # What only width pruning uses: with blocks to remove and no --ratio, nothing inside the other blocks is cut.
 WIDTH_FIELDS = ("method", "lipschitz", "ratio_of", "allocation", "gqa_mode", "round_to", "head_ratio", "selection",
-                "sensitivity_samples", "sensitivity_cap", "sensitivity_exponent", "compensation", "refit_target",
-                "refit_intercept")
+                "sensitivity_samples", "sensitivity_cap", "sensitivity_exponent", "sensitivity_refit_samples",
+                "compensation", "refit_target", "refit_intercept")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -89,14 +89,22 @@ def _head_ratio(text: str) -> float | str:
         raise argparse.ArgumentTypeError("a fraction in [0, 1), 'same' or 'auto'") from None
 
 
-def _positive(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least {least}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
@@ -151,6 +159,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                    help=f"sensitivity allocation: how a block's KL grows with the fraction of it removed, KL ∝ "
                         f"f^a (default {DEFAULTS.sensitivity_exponent:g}); the lower, the more the sensitive "
                         "blocks are spared")
+    g.add_argument("--sensitivity-refit-samples", type=_non_negative,
+                   help=f"sensitivity allocation: refit down_proj in each channel trial, as the prune does, on this "
+                        f"many further calibration samples (default {DEFAULTS.sensitivity_refit_samples}: trials "
+                        "zero the channels without a refit)")
     g.add_argument("--gqa-mode", choices=GQA_MODES,
                    help="prune whole KV groups (default), or the same number of query heads in every group")
     g.add_argument("--layers", dest="prunable_layers", type=_layers, help="prunable layer range, e.g. 4-28 (end exclusive); default: all")
@@ -274,7 +286,8 @@ def _config(args) -> PruneConfig:
                               "blocks only, and nothing inside the other blocks is cut; give --ratio (the total "
                               "fraction, the removed blocks included) to prune widths too")
     config = dataclasses.replace(DEFAULTS, **changes).validate()
-    given = _explicit(args, ("sensitivity_samples", "sensitivity_cap", "sensitivity_exponent"))
+    given = _explicit(args, ("sensitivity_samples", "sensitivity_cap", "sensitivity_exponent",
+                             "sensitivity_refit_samples"))
     if given and config.allocation != "sensitivity":
         raise LlmBipError(f"{', '.join(given)} cannot apply: {config.allocation} allocation measures no sensitivity; "
                           "add --allocation sensitivity or drop it")

@@ -52,6 +52,9 @@ class PruneConfig:
     sensitivity_cap: float = 0.75
     # How a block's KL grows with the fraction it loses (KL ∝ f^exponent), from which the allocation follows.
     sensitivity_exponent: float = 2.0
+    # Calibration samples (after the measured ones) that each channel trial's down_proj refit is fit on, so the
+    # trial cuts as the prune does; 0: trials zero the channels without a refit.
+    sensitivity_refit_samples: int = 0
     calibration_mode: str = "sequential"
     compensation: str = "refit"
     lipschitz: str = "jvp"
@@ -101,6 +104,13 @@ class PruneConfig:
         if not isinstance(self.sensitivity_exponent, int | float) or not 1 < self.sensitivity_exponent <= 4:
             raise LlmBipError(f"sensitivity exponent {self.sensitivity_exponent!r} is outside (1, 4]: give how a "
                               "block's KL grows with the fraction of it removed, e.g. 2 (quadratic)")
+        if not isinstance(self.sensitivity_refit_samples, int) or self.sensitivity_refit_samples < 0:
+            raise LlmBipError(f"sensitivity refit samples {self.sensitivity_refit_samples!r}: give a number of "
+                              "calibration samples, e.g. 64 (0: trials without a refit)")
+        if self.sensitivity_refit_samples and (self.compensation != "refit" or self.refit_target != "layer"):
+            raise LlmBipError("sensitivity refit samples cannot apply: the trials refit as the prune does, and this "
+                              "prune does not refit towards the block's own output; use --compensation refit "
+                              "--refit-target layer, or drop --sensitivity-refit-samples")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise LlmBipError(f"round-to {self.round_to!r}: give a positive integer, or auto")
         if self.head_ratio == "auto":

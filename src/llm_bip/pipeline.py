@@ -159,8 +159,9 @@ def measure_sensitivity(loaded: LoadedModel, costs: list[BlockCosts], target: in
             unit = head_units(costs[i], config.gqa_mode)
             if i not in removed and unit.count > 1:
                 head_trials[i] = widths_after(costs[i], unit, 1, 0)
+    refit = config.compensator(loaded.adapter) if config.sensitivity_refit_samples else None
     return measure_blocks(loaded, samples, fraction, measured, list(removed), config.sensitivity_samples,
-                          batch_size, progress, head_trials, config.gqa_mode)
+                          batch_size, progress, head_trials, config.gqa_mode, refit, config.sensitivity_refit_samples)
 
 
 def _uniform_for(config: PruneConfig) -> PruneConfig:

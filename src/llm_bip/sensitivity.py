@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.allocation import Curvature
+from llm_bip.compensation import RefitCompensation
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.loading import LoadedModel
-from llm_bip.plan import select
+from llm_bip.plan import BlockPlan, select
 from llm_bip.scoring import make_scorer
-from llm_bip.stats import collect_block_stats
+from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
 from llm_bip.surgery import head_columns
 from llm_bip.widths import BlockWidths
 
@@ -52,6 +53,8 @@ class Sensitivity:
     positions: int  # next-token distributions compared per trial
     seconds: float
     head_kl: list[float | None] | None = None  # with one head unit cut instead; None: heads not measured
+    refit_samples: int = 0  # calibration samples the channel trials' down_proj refit was fit on (0: no refit)
+    refit_kept: list[str | None] | None = None  # per block, what the trial's compensation did (refit or plain cut)
 
     def curvature(self, exponent: float = 2.0) -> Curvature:
         """The allocator's cost model: a block's KL taken as a power of what it loses, KL · (x / trial)^exponent
@@ -61,10 +64,15 @@ class Sensitivity:
             heads=self.head_kl, exponent=exponent)
 
     def to_json(self) -> dict:
+        cut = ("down_proj columns zeroed, the kept ones refit on other calibration samples" if self.refit_samples
+               else "down_proj columns zeroed")
         record = {"criterion": "mean KL divergence of the next-token distribution from the dense model's, with only "
-                               "this block's lowest-scoring channels cut (down_proj columns zeroed)",
+                               f"this block's lowest-scoring channels cut ({cut})",
                   "kl": self.kl, "trial_fraction": self.fraction, "trial_channels": self.channels_cut,
                   "samples": self.samples, "positions": self.positions, "seconds": round(self.seconds, 2)}
+        if self.refit_samples:
+            record["refit_samples"] = self.refit_samples
+            record["refit"] = self.refit_kept
         if self.head_kl is not None:
             record["head_kl"] = self.head_kl
             record["head_criterion"] = ("the same KL with only this block's first head unit to go cut (o_proj "
@@ -96,7 +104,8 @@ def _run(blocks, inputs: BlockInputs, layers: list[int]) -> BlockInputs:
 def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, measured: list[int],
                    skipped: list[int] = (), num_samples: int = 8, batch_size: int = 8,
                    progress: bool = True, head_trials: dict[int, BlockWidths] | None = None,
-                   gqa_mode: str = "kv-groups") -> Sensitivity:
+                   gqa_mode: str = "kv-groups", refit: RefitCompensation | None = None,
+                   refit_samples: int = 0) -> Sensitivity:
     """The sensitivity of each block in `measured` to losing `fraction` of its channels, on the first
     `num_samples` calibration samples (blocks in `skipped`, removed whole by the plan, do not run). With
     `head_trials` (block -> its widths with one head unit fewer), each of those blocks is also measured with
@@ -113,6 +122,15 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
     order = [i for i in range(len(blocks)) if i not in set(skipped)]
     subset = samples[:num_samples]
     inputs = catch_inputs(loaded, subset, batch_size)
+    fit_inputs = None
+    if refit is not None and refit_samples:
+        fit_subset = samples[num_samples : num_samples + refit_samples]
+        if len(fit_subset) < refit_samples:
+            raise LlmBipError(f"the trials' refit needs {refit_samples} calibration samples besides the "
+                              f"{num_samples} measured ones, and there are {len(samples)}: give --num-samples "
+                              f"{num_samples + refit_samples} or more, or fewer --sensitivity-refit-samples")
+        fit_inputs = catch_inputs(loaded, fit_subset, batch_size)
+    refit_kept: list[str | None] = [None] * len(blocks)
     dense = _log_probs(loaded, _run(blocks, inputs, order).hidden)
     kl: list[float | None] = [None] * len(blocks)
     cut: list[int | None] = [None] * len(blocks)
@@ -131,8 +149,14 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
             rest = order[position:]
             if i in todo:
                 cut[i] = max(1, round(fraction * parts.down_proj.weight.shape[1]))
-                kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj,
-                               torch.argsort(scores.channels)[: cut[i]], dense)
+                removed = torch.argsort(scores.channels)[: cut[i]]
+                if fit_inputs is None:
+                    kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj, removed, dense)
+                else:
+                    fit_stats, fit_inputs = collect_block_stats(blocks[i], parts, fit_inputs,
+                                                                StatsRequest(ffn_gram=True), i, shape.group_width)
+                    kl[i], refit_kept[i] = _refit_trial(loaded, blocks, inputs, rest, i, removed, fit_stats, refit,
+                                                        dense)
             if i in head_trials:
                 kept = set(select(scores.heads, scores.groups, scores.channels, head_trials[i], gqa_mode,
                                   i).keep_heads)
@@ -141,9 +165,12 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                                     dense)
         else:
             after = run_block(blocks[i], inputs, layer=i)
+        if fit_inputs is not None and i not in todo:
+            fit_inputs = run_block(blocks[i], fit_inputs, layer=i)
         inputs = after
     return Sensitivity(kl, fraction, cut, subset.shape[0], sum(p.shape[0] * p.shape[1] for p in dense),
-                       time.perf_counter() - started, head_kl)
+                       time.perf_counter() - started, head_kl, refit_samples if fit_inputs is not None else 0,
+                       refit_kept if fit_inputs is not None else None)
 
 
 def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], projection, columns: torch.Tensor,
@@ -157,3 +184,28 @@ def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], projection, c
         return _kl(dense, _log_probs(loaded, _run(blocks, inputs, layers).hidden))
     finally:
         weight[:, columns] = saved
+
+
+def _refit_trial(loaded, blocks, inputs: BlockInputs, layers: list[int], layer: int, removed: torch.Tensor,
+                 fit_stats: BlockStats, refit: RefitCompensation, dense: list[torch.Tensor]) -> tuple[float, str]:
+    """KL from the dense model with block `layer`'s `removed` channels cut as the prune cuts them: the kept
+    columns of down_proj refit on `fit_stats` (with the prune's guards), the removed ones zeroed; the
+    weights and bias are put back after."""
+    adapter = loaded.adapter
+    block = blocks[layer]
+    down = adapter.parts(block).down_proj
+    widths = adapter.widths(block)
+    keep = sorted(set(range(down.in_features)) - set(removed.tolist()))
+    plan = BlockPlan(layer, list(range(widths.num_heads)), list(range(widths.num_kv_heads)), keep)
+    saved_weight = down.weight.detach().clone()
+    saved_bias = None if down.bias is None else down.bias.detach().clone()
+    try:
+        done = refit.compensate(adapter, block, plan, fit_stats, None).get("down_proj", "")
+        down.weight[:, removed.to(down.weight.device)] = 0
+        return _kl(dense, _log_probs(loaded, _run(blocks, inputs, layers).hidden)), done
+    finally:
+        down.weight.copy_(saved_weight)
+        if saved_bias is None:
+            down.bias = None
+        else:
+            down.bias.copy_(saved_bias)
