@@ -20,6 +20,10 @@ starts every run from another prune (flags appended to `llm-bip prune`, which ta
     python benchmarks/bench_distill.py --ratio 0.2 --runs lora-lm-1e-3 --minutes 30 \
         --prune-options "--num-samples 128 --allocation sensitivity" \
         --out benchmarks/results/distill_smollm2_sensitivity.json
+
+On a CPU without bf16 matrix units (benchmarks/bench_bf16_matmul.py), run it all in float32: `--prune-options
+"... --weights-dtype float32 --dtype float32"` keeps the pruned model in float32, and `--compute-dtype
+float32` has training and evaluation compute in it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def main() -> None:
     parser.add_argument("--prune-options", default="",
                         help="more `llm-bip prune` flags for the model every run starts from (they win over the "
                              "defaults here)")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="what training and evaluation compute in (recover's --dtype)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="llm-bip-distill-"))
@@ -77,7 +83,7 @@ def main() -> None:
                          "another --out")
     result.update(ratio=args.ratio, minutes=args.minutes, prune_options=prune_options,
                   windows={str(k): v for k, v in WINDOWS.items()},
-                  torch_threads=torch.get_num_threads(),
+                  torch_threads=torch.get_num_threads(), compute_dtype=args.compute_dtype,
                   command="python benchmarks/bench_distill.py " + shlex.join(sys.argv[1:]))
 
     pruned = work / f"pruned-{args.ratio}"
@@ -94,7 +100,7 @@ def main() -> None:
     texts = {name: tokenize(lm.tokenizer, load_text(TEXTS[name], split="test")) for name in ("wikitext", "lee",
                                                                                              "newsgroups")}
     if "pruned" not in result:
-        result["pruned"] = evaluate(lm, texts, [128, 2048], WINDOWS)
+        result["pruned"] = evaluate(lm, texts, [128, 2048], WINDOWS, dtype=args.compute_dtype)
         out.write_text(json.dumps(result, indent=1))
     print("pruned", result["pruned"], flush=True)
 
@@ -105,7 +111,7 @@ def main() -> None:
         options = [a.format(teacher=teacher) for a in RUNS[name]]
         started = time.perf_counter()
         llm_bip("recover", "--model", str(pruned), "--data", str(text), "--output", str(trained), "--overwrite",
-                "--max-time", str(int(args.minutes * 60)), *COMMON, *options)
+                "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, *COMMON, *options)
         seconds = time.perf_counter() - started
         recovery = (read_record(trained) or {}).get("recovery", {})
         lm = api.load(str(trained))
@@ -114,7 +120,7 @@ def main() -> None:
             "total_steps": recovery.get("total_steps"), "stopped": recovery.get("stopped"),
             "tokens_trained": recovery.get("tokens_trained"), "train_seconds": recovery.get("train_time_s"),
             "trainable_params": recovery.get("trainable_params"),
-            "perplexity": evaluate(lm, texts, [128, 2048], WINDOWS),
+            "perplexity": evaluate(lm, texts, [128, 2048], WINDOWS, dtype=args.compute_dtype),
         }
         out.write_text(json.dumps(result, indent=1))
         print(name, result["runs"][name], flush=True)
