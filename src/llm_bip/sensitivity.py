@@ -18,6 +18,7 @@ to end instead of assumed (block-local head scores under-rate heads, docs/result
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.loading import LoadedModel
 from llm_bip.plan import BlockPlan, select
 from llm_bip.scoring import make_scorer
-from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
+from llm_bip.stats import BlockStats, collect_block_stats
 from llm_bip.surgery import head_columns
 from llm_bip.widths import BlockWidths
 
@@ -130,7 +131,7 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                               f"{num_samples} measured ones, and there are {len(samples)}: give --num-samples "
                               f"{num_samples + refit_samples} or more, or fewer --sensitivity-refit-samples")
         fit_inputs = catch_inputs(loaded, fit_subset, batch_size)
-    refit_kept: list[str | None] = [None] * len(blocks)
+    refit_kept: list[str | None] | None = [None] * len(blocks) if fit_inputs is not None else None
     dense = _log_probs(loaded, _run(blocks, inputs, order).hidden)
     kl: list[float | None] = [None] * len(blocks)
     cut: list[int | None] = [None] * len(blocks)
@@ -153,10 +154,13 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                 if fit_inputs is None:
                     kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj, removed, dense)
                 else:
-                    fit_stats, fit_inputs = collect_block_stats(blocks[i], parts, fit_inputs,
-                                                                StatsRequest(ffn_gram=True), i, shape.group_width)
-                    kl[i], refit_kept[i] = _refit_trial(loaded, blocks, inputs, rest, i, removed, fit_stats, refit,
-                                                        dense)
+                    kept = sorted(set(range(parts.down_proj.in_features)) - set(removed.tolist()))
+                    plan = dataclasses.replace(BlockPlan.keep_all(i, shape.widths), keep_channels=kept)
+                    request = refit.stats_request(shape, plan.widths, fit_inputs.num_tokens)
+                    fit_stats, fit_inputs = collect_block_stats(blocks[i], parts, fit_inputs, request, i,
+                                                                shape.group_width)
+                    kl[i], refit_kept[i] = _refit_trial(loaded, blocks, inputs, rest, plan, removed, fit_stats,
+                                                        refit, dense)
             if i in head_trials:
                 kept = set(select(scores.heads, scores.groups, scores.channels, head_trials[i], gqa_mode,
                                   i).keep_heads)
@@ -169,8 +173,8 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
             fit_inputs = run_block(blocks[i], fit_inputs, layer=i)
         inputs = after
     return Sensitivity(kl, fraction, cut, subset.shape[0], sum(p.shape[0] * p.shape[1] for p in dense),
-                       time.perf_counter() - started, head_kl, refit_samples if fit_inputs is not None else 0,
-                       refit_kept if fit_inputs is not None else None)
+                       time.perf_counter() - started, head_kl, refit_samples if refit_kept is not None else 0,
+                       refit_kept)
 
 
 def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], projection, columns: torch.Tensor,
@@ -186,17 +190,14 @@ def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], projection, c
         weight[:, columns] = saved
 
 
-def _refit_trial(loaded, blocks, inputs: BlockInputs, layers: list[int], layer: int, removed: torch.Tensor,
+def _refit_trial(loaded, blocks, inputs: BlockInputs, layers: list[int], plan: BlockPlan, removed: torch.Tensor,
                  fit_stats: BlockStats, refit: RefitCompensation, dense: list[torch.Tensor]) -> tuple[float, str]:
-    """KL from the dense model with block `layer`'s `removed` channels cut as the prune cuts them: the kept
-    columns of down_proj refit on `fit_stats` (with the prune's guards), the removed ones zeroed; the
-    weights and bias are put back after."""
+    """KL from the dense model with `plan`'s block cut as the prune cuts it: the kept columns of down_proj
+    refit on `fit_stats` (with the prune's guards), the `removed` ones zeroed; the weights and bias are put
+    back after."""
     adapter = loaded.adapter
-    block = blocks[layer]
+    block = blocks[plan.layer]
     down = adapter.parts(block).down_proj
-    widths = adapter.widths(block)
-    keep = sorted(set(range(down.in_features)) - set(removed.tolist()))
-    plan = BlockPlan(layer, list(range(widths.num_heads)), list(range(widths.num_kv_heads)), keep)
     saved_weight = down.weight.detach().clone()
     saved_bias = None if down.bias is None else down.bias.detach().clone()
     try:
