@@ -13,6 +13,7 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
     lora-lm-1e-3  the same LoRA at lr 1e-3 (a short run's usual LoRA rate; 2e-4 is LLM-Pruner's for 2 epochs)
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
+    full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
 
 Runs whose result is already in `--out` are skipped, so the file fills run by run. `--prune-options`
 starts every run from another prune (flags appended to `llm-bip prune`, which take precedence), e.g.
@@ -53,6 +54,7 @@ RUNS = {
     "lora-lm-1e-3": ["--lr", "1e-3"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
+    "full-lm": ["--lr", "1e-4", "--full-finetune"],
 }
 WINDOWS = {128: 150, 2048: 40, ("lee", 2048): 10, ("newsgroups", 2048): 10}
 
