@@ -11,6 +11,11 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
 
     lora-lm   LoRA (r 8, lr 2e-4) on the language-model loss: the recipe of docs/results.md §5
     lora-lm-1e-3  the same LoRA at lr 1e-3 (a short run's usual LoRA rate; 2e-4 is LLM-Pruner's for 2 epochs)
+    lora-lm-nodrop  lora-lm-1e-3 without the adapters' dropout (0.05 there), which costs a quarter of a CPU step
+    lora-lm-r32  lora-lm-nodrop at rank 32 (alpha 64: the same alpha / r scale as r 8, alpha 16)
+    lora-lm-anneal  lora-lm-nodrop with its schedule ending at step 210, about what 30 minutes held on the
+              float32 host, so the rate decays to zero by the time limit (planned over the epoch's 300 steps, it is still at
+              about 30% of its peak when time runs out there)
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
@@ -52,6 +57,9 @@ COMMON = ["--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "256",
 RUNS = {
     "lora-lm": ["--lr", "2e-4"],
     "lora-lm-1e-3": ["--lr", "1e-3"],
+    "lora-lm-nodrop": ["--lr", "1e-3", "--lora-dropout", "0"],
+    "lora-lm-r32": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64"],
+    "lora-lm-anneal": ["--lr", "1e-3", "--lora-dropout", "0", "--max-steps", "210"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],

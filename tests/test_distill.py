@@ -445,6 +445,8 @@ def student_dir(tmp_path, tokenizer) -> Path:
         (["--teacher-cache", "c"], "--teacher-cache cannot apply without --teacher"),
         (["--teacher", "T", "--teacher-top-k", "8"], "--teacher-top-k cannot apply without --teacher-cache"),
         (["--full-finetune", "--lora-r", "4"], "--lora-r cannot apply with --full-finetune"),
+        (["--full-finetune", "--lora-dropout", "0"], "--lora-dropout cannot apply with --full-finetune"),
+        (["--lora-dropout", "1"], "lora_dropout must be in \\[0, 1\\)"),
         (["--teacher", "T", "--distill-alpha", "0"], "alpha .* must be in \\(0, 1\\]"),
         (["--teacher", "T", "--distill-temperature", "-1"], "temperature must be a positive number"),
     ],

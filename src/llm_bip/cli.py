@@ -514,7 +514,8 @@ def _recover_flags(args) -> tuple[str, DistillConfig | None]:
     if args.teacher_top_k is not None and args.teacher_cache is None:
         raise LlmBipError("--teacher-top-k cannot apply without --teacher-cache: a teacher run on the fly gives its "
                           "whole distribution")
-    lora_only = [flag for flag, value in {"--lora-r": args.lora_r}.items() if value is not None]
+    lora_flags = {"--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout}
+    lora_only = [flag for flag, value in lora_flags.items() if value is not None]
     if args.full_finetune and lora_only:
         raise LlmBipError(f"{', '.join(lora_only)} cannot apply with --full-finetune: it configures LoRA adapters, "
                           "and full fine-tuning trains every weight")
@@ -534,6 +535,7 @@ def cmd_recover(args) -> None:
     changes = {k: v for k, v in {
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len, "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
         "max_steps": args.max_steps, "max_time_s": args.max_time, "val_set_size": args.val_set_size,
         "warmup_steps": args.warmup_steps, "save_steps": args.save_steps, "seed": args.seed,
         "progress_bar": not args.quiet,
@@ -671,7 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, help="effective batch (gradient accumulation), default 64")
     p.add_argument("--micro-batch-size", type=_positive)
     p.add_argument("--cutoff-len", type=_positive)
-    p.add_argument("--lora-r", type=_positive)
+    p.add_argument("--lora-r", type=_positive, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=_positive, help="LoRA scale numerator: updates are scaled by alpha / r (default 16)")
+    p.add_argument("--lora-dropout", type=float,
+                   help="dropout on the adapters' inputs (default 0.05, LLM-Pruner's; 0 makes a step about a quarter "
+                        "cheaper on CPU, see docs/results.md §11)")
     p.add_argument("--val-set-size", type=int)
     p.add_argument("--warmup-steps", type=int, help="default 100, at most a tenth of the run")
     p.add_argument("--save-steps", type=_positive)

@@ -59,6 +59,7 @@ class LoraRecoveryConfig:
             self.target_modules = tuple(self.target_modules)
         positive = {
             "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
             "num_epochs": self.num_epochs,
             "batch_size": self.batch_size,
             "micro_batch_size": self.micro_batch_size,
