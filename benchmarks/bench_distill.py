@@ -13,9 +13,9 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
     lora-lm-1e-3  the same LoRA at lr 1e-3 (a short run's usual LoRA rate; 2e-4 is LLM-Pruner's for 2 epochs)
     lora-lm-nodrop  lora-lm-1e-3 without the adapters' dropout (0.05 there), which costs a quarter of a CPU step
     lora-lm-r32  lora-lm-nodrop at rank 32 (alpha 64: the same alpha / r scale as r 8, alpha 16)
-    lora-lm-anneal  lora-lm-nodrop with its schedule ending at step 210, about what 30 minutes held on the
-              float32 host, so the rate decays to zero by the time limit (planned over the epoch's 300 steps, it is still at
-              about 30% of its peak when time runs out there)
+    lora-lm-r32-anneal  lora-lm-r32 with its schedule ending where lora-lm-r32 stopped for time (its steps in
+              `--out`, less 5), so the rate decays to zero by the time limit (planned over the epoch's 300
+              steps, it is still at about a third of its peak when time runs out)
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
@@ -59,7 +59,8 @@ RUNS = {
     "lora-lm-1e-3": ["--lr", "1e-3"],
     "lora-lm-nodrop": ["--lr", "1e-3", "--lora-dropout", "0"],
     "lora-lm-r32": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64"],
-    "lora-lm-anneal": ["--lr", "1e-3", "--lora-dropout", "0", "--max-steps", "210"],
+    "lora-lm-r32-anneal": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
+                           "--max-steps", "{steps}"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],
@@ -118,7 +119,10 @@ def main() -> None:
         if name in result["runs"]:
             continue
         trained = work / name
-        options = [a.format(teacher=teacher) for a in RUNS[name]]
+        done = result["runs"].get("lora-lm-r32", {}).get("steps")
+        if "{steps}" in RUNS[name] and not done:
+            raise SystemExit(f"{name} ends its schedule where lora-lm-r32 stopped: run lora-lm-r32 first")
+        options = [a.format(teacher=teacher, steps=(done or 0) - 5) for a in RUNS[name]]
         started = time.perf_counter()
         llm_bip("recover", "--model", str(pruned), "--data", str(text), "--output", str(trained), "--overwrite",
                 "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, *COMMON, *options)
