@@ -11,11 +11,11 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
 
     lora-lm   LoRA (r 8, lr 2e-4) on the language-model loss: the recipe of docs/results.md §5
     lora-lm-1e-3  the same LoRA at lr 1e-3 (a short run's usual LoRA rate; 2e-4 is LLM-Pruner's for 2 epochs)
-    lora-lm-nodrop  lora-lm-1e-3 without the adapters' dropout (0.05 there), which costs a quarter of a CPU step
+    lora-lm-nodrop  lora-lm-1e-3 without the adapters' dropout (0.05 there), which costs a third of a CPU step
     lora-lm-r32  lora-lm-nodrop at rank 32 (alpha 64: the same alpha / r scale as r 8, alpha 16)
     lora-lm-r32-anneal  lora-lm-r32 with its schedule ending where lora-lm-r32 stopped for time (its steps in
               `--out`, less 5), so the rate decays to zero by the time limit (planned over the epoch's 300
-              steps, it is still at about a third of its peak when time runs out)
+              steps, it is still at about a fifth of its peak when time runs out)
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss

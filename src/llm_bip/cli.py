@@ -676,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=_positive, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=_positive, help="LoRA scale numerator: updates are scaled by alpha / r (default 16)")
     p.add_argument("--lora-dropout", type=float,
-                   help="dropout on the adapters' inputs (default 0.05, LLM-Pruner's; 0 makes a step about a quarter "
+                   help="dropout on the adapters' inputs (default 0.05, LLM-Pruner's; 0 makes a step about a third "
                         "cheaper on CPU, see docs/results.md §11)")
     p.add_argument("--val-set-size", type=int)
     p.add_argument("--warmup-steps", type=int, help="default 100, at most a tenth of the run")
