@@ -504,6 +504,7 @@ def cmd_eval(args) -> None:
 def _recover_flags(args) -> tuple[str, DistillConfig | None]:
     """The trainer and the DistillConfig (or None) the recover flags ask for; flags that cannot apply are errors."""
     from llm_bip.recovery import DistillConfig
+    from llm_bip.recovery.config import LORA_ONLY_FIELDS
 
     distill_flags = {"--distill-alpha": args.distill_alpha, "--distill-temperature": args.distill_temperature,
                      "--teacher-cache": args.teacher_cache, "--teacher-top-k": args.teacher_top_k}
@@ -514,8 +515,8 @@ def _recover_flags(args) -> tuple[str, DistillConfig | None]:
     if args.teacher_top_k is not None and args.teacher_cache is None:
         raise LlmBipError("--teacher-top-k cannot apply without --teacher-cache: a teacher run on the fly gives its "
                           "whole distribution")
-    lora_flags = {"--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout}
-    lora_only = [flag for flag, value in lora_flags.items() if value is not None]
+    # The flags of the config's LoRA-only fields (those that have one), so a new LoRA flag is refused here too.
+    lora_only = [f"--{field.replace('_', '-')}" for field in LORA_ONLY_FIELDS if getattr(args, field, None) is not None]
     if args.full_finetune and lora_only:
         raise LlmBipError(f"{', '.join(lora_only)} cannot apply with --full-finetune: it configures LoRA adapters, "
                           "and full fine-tuning trains every weight")
