@@ -16,6 +16,8 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
     lora-lm-r32-anneal  lora-lm-r32 with its schedule ending where lora-lm-r32 stopped for time (its steps in
               `--out`, less 5), so the rate decays to zero by the time limit (planned over the epoch's 300
               steps, it is still at about a fifth of its peak when time runs out)
+    lora-lm-r32-fit  lora-lm-r32 with `--schedule-to-time`: recover ends the schedule at the time limit, as
+              the pace of its own first steps predicts, with no earlier run to learn the step count from
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
@@ -61,6 +63,8 @@ RUNS = {
     "lora-lm-r32": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64"],
     "lora-lm-r32-anneal": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
                            "--max-steps", "{steps}"],
+    "lora-lm-r32-fit": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
+                        "--schedule-to-time"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],
@@ -132,6 +136,7 @@ def main() -> None:
         result["runs"][name] = {
             "options": options, "wall_seconds": seconds, "steps": recovery.get("steps"),
             "total_steps": recovery.get("total_steps"), "stopped": recovery.get("stopped"),
+            "time_fit": recovery.get("time_fit"),
             "tokens_trained": recovery.get("tokens_trained"), "train_seconds": recovery.get("train_time_s"),
             "trainable_params": recovery.get("trainable_params"),
             "perplexity": evaluate(lm, texts, [128, 2048], WINDOWS, dtype=args.compute_dtype),

@@ -74,7 +74,8 @@ def test_recover_then_saved_model_loads(tiny_dir, texts, tmp_path, capsys):
     args = ["recover", "--model", str(tiny_dir), "--data", str(texts / "calib.txt"), "--output", str(out),
             "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--cutoff-len", "32",
             "--val-set-size", "4", "--warmup-steps", "1", "--eval", str(texts / "eval.txt"), "--eval-seq-len", "32",
-            "--eval-max-windows", "2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--quiet"]
+            "--eval-max-windows", "2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+            "--max-time", "3600", "--schedule-to-time", "--quiet"]
     assert main(args) == 0
     assert "recovered with LoRA for 2 steps" in capsys.readouterr().out
     record = json.loads((out / "pruning_record.json").read_text())
@@ -82,5 +83,8 @@ def test_recover_then_saved_model_loads(tiny_dir, texts, tmp_path, capsys):
     # The LoRA flags reach the run, and the record says what was trained.
     config = record["recovery"]["config"]
     assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.0)
+    # Two steps end the run before its pace is measured: the record says the schedule was not fitted.
+    assert (config["max_time_s"], config["schedule_to_time"]) == (3600.0, True)
+    assert record["recovery"]["time_fit"] is None and record["recovery"]["stopped"] == "max_steps"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())

@@ -447,6 +447,7 @@ def student_dir(tmp_path, tokenizer) -> Path:
         (["--full-finetune", "--lora-r", "4"], "--lora-r cannot apply with --full-finetune"),
         (["--full-finetune", "--lora-dropout", "0"], "--lora-dropout cannot apply with --full-finetune"),
         (["--lora-dropout", "1"], "lora_dropout must be in \\[0, 1\\)"),
+        (["--schedule-to-time"], "--schedule-to-time\\) needs max_time_s \\(--max-time\\)"),
         (["--teacher", "T", "--distill-alpha", "0"], "alpha .* must be in \\(0, 1\\]"),
         (["--teacher", "T", "--distill-temperature", "-1"], "temperature must be a positive number"),
     ],

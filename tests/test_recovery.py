@@ -279,3 +279,96 @@ def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monk
     assert report["train_loss"] == straight_report["train_loss"]
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_steps_that_fit_the_time_left_at_the_measured_pace():
+    from llm_bip.recovery.schedule import FIT_MARGIN, steps_that_fit
+
+    assert FIT_MARGIN == 0.95
+    # 5 steps took 50 s of a 1000 s budget; 10 s a step fits (950 - 50) / 10 = 90 more.
+    assert steps_that_fit(5, 50.0, 1000.0, 10.0) == 95
+    # An evaluation of 20 s every 10 steps makes a step cost 12 s: 75 more.
+    assert steps_that_fit(5, 50.0, 1000.0, 10.0, eval_s=20.0, eval_every=10) == 80
+    # Already past the budget's share: the run ends where it is.
+    assert steps_that_fit(5, 990.0, 1000.0, 10.0) == 5
+
+
+class FakeClock:
+    """A clock that advances by one second for each training micro-batch, whatever the machine's speed."""
+
+    def __init__(self, monkeypatch) -> None:
+        import llm_bip.recovery.objective as objective
+        import llm_bip.recovery.train as train
+
+        self.seconds = 0.0
+        real_loss = objective.summed_loss
+
+        def timed_loss(model, batch):
+            self.seconds += 1.0
+            return real_loss(model, batch)
+
+        monkeypatch.setattr(objective, "summed_loss", timed_loss)
+        monkeypatch.setattr(train, "_now", lambda: self.seconds)
+
+
+def test_schedule_fitted_to_the_time_budget_decays_to_zero_when_time_is_up(tokenizer, tmp_path, monkeypatch):
+    FakeClock(monkeypatch)
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    # 36 examples in batches of 8: 5 steps an epoch, the last one of a single micro-batch, so an epoch takes
+    # 2 + 2 + 2 + 2 + 1 = 9 s on the fake clock. 10 epochs planned: 50 steps.
+    config = small_config(max_steps=None, num_epochs=10, max_time_s=40.0, schedule_to_time=True, warmup_steps=4)
+    _, report = recover(pruned_like_model(len(tokenizer)), tokenizer, data, config, tmp_path / "a")
+    fit = report["time_fit"]
+    # Paced over steps 2-5 (7 s: 1.75 s a step); 9 s gone, 0.95 * 40 - 9 = 29 s left: 16 more steps, which
+    # take 38 s in all.
+    assert (fit["at_step"], fit["step_s"], fit["elapsed_s"]) == (5, 1.75, 9.0)
+    assert fit["total_steps"] == report["total_steps"] == report["steps"] == 21 and fit["shortened"]
+    assert report["stopped"] == "time_schedule" and report["train_time_s"] == 38.0
+    assert fit["warmup_steps"] == report["warmup_steps"] == 3  # a tenth of the fitted run
+    rates = [point["lr"] for point in report["train_loss"]]
+    peak = config.learning_rate
+    # Warm-up planned for 4 steps until the fit, then decay over the fitted run, down to 1/18 of the peak.
+    assert rates[:5] == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak])
+    assert rates[5:] == pytest.approx([peak * (21 - step) / 18 for step in range(5, 21)])
+
+    # Without the fit the same budget stops the planned 50-step schedule with the rate near its peak.
+    plain = small_config(max_steps=None, num_epochs=10, max_time_s=40.0, warmup_steps=4)
+    _, cut = recover(pruned_like_model(len(tokenizer)), tokenizer, data, plain, tmp_path / "b")
+    assert cut["stopped"] == "max_time" and cut["time_fit"] is None and cut["train_loss"][-1]["lr"] > 0.5 * peak
+
+
+def test_resume_keeps_the_fitted_schedule(tokenizer, tmp_path, monkeypatch):
+    import llm_bip.recovery.objective as objective
+
+    clock = FakeClock(monkeypatch)
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    start = pruned_like_model(len(tokenizer))
+    config = small_config(max_steps=None, num_epochs=10, max_time_s=40.0, schedule_to_time=True, save_steps=100)
+    straight, straight_report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "a")
+
+    clock.seconds = 0.0
+    timed_loss = objective.summed_loss
+
+    def interrupting_loss(model, batch):
+        if clock.seconds == 14.0:  # the second micro-batch of step 8 (see above), after the fit at step 5
+            raise KeyboardInterrupt
+        return timed_loss(model, batch)
+
+    monkeypatch.setattr(objective, "summed_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "b")
+    monkeypatch.setattr(objective, "summed_loss", timed_loss)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 7 and state["time_fit"] == straight_report["time_fit"]
+    # A resume may change the budget; the schedule fitted to the first one stays.
+    longer = LoraRecoveryConfig(**{**config.to_dict(), "max_time_s": 1000.0})
+    resumed, report = recover(copy.deepcopy(start), tokenizer, data, longer, tmp_path / "b", resume=True)
+    assert report["total_steps"] == report["steps"] == straight_report["steps"] == 21
+    assert report["train_loss"] == straight_report["train_loss"]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_schedule_to_time_needs_a_time_budget():
+    with pytest.raises(LlmBipError, match="needs max_time_s"):
+        small_config(schedule_to_time=True)

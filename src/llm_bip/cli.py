@@ -537,7 +537,8 @@ def cmd_recover(args) -> None:
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len, "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-        "max_steps": args.max_steps, "max_time_s": args.max_time, "val_set_size": args.val_set_size,
+        "max_steps": args.max_steps, "max_time_s": args.max_time,
+        "schedule_to_time": args.schedule_to_time or None, "val_set_size": args.val_set_size,
         "warmup_steps": args.warmup_steps, "save_steps": args.save_steps, "seed": args.seed,
         "progress_bar": not args.quiet,
     }.items() if v is not None}
@@ -669,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--max-steps", type=_positive)
     p.add_argument("--max-time", type=float, help="stop after this many seconds (a checkpoint is written)")
+    p.add_argument("--schedule-to-time", action="store_true",
+                   help="end the learning-rate schedule at --max-time (fitted to the pace of the first steps), so "
+                        "the rate has decayed to zero when time is up instead of being cut off mid-schedule")
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=_positive)
     p.add_argument("--batch-size", type=_positive, help="effective batch (gradient accumulation), default 64")

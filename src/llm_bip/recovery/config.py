@@ -27,7 +27,9 @@ class LoraRecoveryConfig:
     `batch_size` is the number of examples per optimizer step, reached by gradient accumulation over
     micro-batches of `micro_batch_size`. `max_steps` caps the run and, as in Hugging Face's Trainer, sets the
     length of the learning-rate schedule; `max_time_s` only stops the run (the schedule is unchanged, so a
-    resumed run continues it exactly). Full fine-tuning (`recover(..., trainer="full")`) uses every field but the
+    resumed run continues it exactly), unless `schedule_to_time`: then the schedule ends when the time is up, as
+    far as the pace of the run's first steps tells (`recovery.schedule.steps_that_fit`; fitted once, kept in the
+    checkpoint, so a resumed run still continues it exactly). Full fine-tuning (`recover(..., trainer="full")`) uses every field but the
     LoRA-only ones (`LORA_ONLY_FIELDS`), which must then keep their defaults.
     """
 
@@ -48,6 +50,7 @@ class LoraRecoveryConfig:
     train_on_inputs: bool = False
     max_steps: int | None = None
     max_time_s: float | None = None
+    schedule_to_time: bool = False
     eval_steps: int | None = 100
     save_steps: int = 200
     gradient_checkpointing: bool = False
@@ -84,6 +87,11 @@ class LoraRecoveryConfig:
             raise LlmBipError(f"LoRA recovery: max_steps must be at least 1, got {self.max_steps}")
         if self.max_time_s is not None and self.max_time_s < 0:
             raise LlmBipError(f"LoRA recovery: max_time_s must not be negative, got {self.max_time_s}")
+        if self.schedule_to_time and self.max_time_s is None:
+            raise LlmBipError(
+                "LoRA recovery: schedule_to_time (--schedule-to-time) needs max_time_s (--max-time), the time "
+                "the schedule is fitted to"
+            )
         if self.eval_steps is not None and self.eval_steps < 1:
             raise LlmBipError(f"LoRA recovery: eval_steps must be at least 1 or None, got {self.eval_steps}")
         if self.val_set_size < 0 or self.warmup_steps < 0:

@@ -41,7 +41,7 @@ from llm_bip.recovery.full import FullTrainer
 from llm_bip.recovery.lora import LoraTrainer
 from llm_bip.recovery.loss import collate
 from llm_bip.recovery.objective import DistillObjective, LmObjective, Objective, describe_distillation
-from llm_bip.recovery.schedule import effective_warmup, linear_schedule
+from llm_bip.recovery.schedule import FIT_PROBE_STEPS, LinearSchedule, effective_warmup, steps_that_fit
 from llm_bip.recovery.teacher import Teacher, check_same_vocabulary, vocab_digest
 from llm_bip.recovery.teacher_cache import CACHE_FORMAT, TeacherCache
 
@@ -80,7 +80,8 @@ def recover(
     save_steps and progress_bar may change).
 
     The report holds: trainer, objective ({kind: "lm" | "distill" | "mixed", alpha, temperature, teacher,
-    ...}), steps, total_steps, stopped ("completed", "max_steps" or "max_time"), train_loss (a list of
+    ...}), steps, total_steps, stopped ("completed", "max_steps", "max_time", or "time_schedule": the end of a
+    schedule fitted to max_time_s), time_fit (how that schedule was fitted; None without one), train_loss (a list of
     {step, loss, lr}, with kl and lm for distillation), eval_before / eval_after ({loss, ppl, tokens} on the
     held-out split, plus kl for distillation; None without one), eval_history, time_s, train_time_s,
     tokens_trained, trainable_params, data sizes and config.
@@ -152,6 +153,8 @@ def recover(
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     planned_steps = config.num_epochs * steps_per_epoch
     total_steps = min(planned_steps, config.max_steps) if config.max_steps else planned_steps
+    if ckpt is not None and ckpt.state.time_fit is not None:
+        total_steps = ckpt.state.time_fit["total_steps"]  # fitted once, kept by every resume
     if ckpt is not None:
         data_order = ckpt.data_order
     else:
@@ -204,7 +207,9 @@ def recover(
             total_steps,
             config.warmup_steps,
         )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+    schedule = LinearSchedule(warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    eval_s = None  # one held-out evaluation's seconds, when this process has timed one
 
     if ckpt is not None:
         runner.load(ckpt.trainable)
@@ -214,11 +219,13 @@ def recover(
         state.config = config.to_dict()
         restore_rng(ckpt)
     else:
+        eval_start = _now()
         eval_before = (
             objective.evaluate(runner.model, val, val_ids, config.micro_batch_size, pad_id, device)
             if val
             else None
         )
+        eval_s = _now() - eval_start if val else None
         state = TrainingState(
             step=0,
             config=config.to_dict(),
@@ -237,14 +244,15 @@ def recover(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     runner.model.train()
-    train_start, prior_time = time.monotonic(), state.train_time_s
+    train_start, prior_time = _now(), state.train_time_s
+    pace_start: tuple[float, int] | None = None  # (time, steps done) after this process's first step
     saved_step = state.step if ckpt is not None else -1
 
     def save(rng: dict[str, Any]) -> None:
         nonlocal saved_step
         if ckpt_dir is None or saved_step == state.step:
             return
-        state.train_time_s = prior_time + time.monotonic() - train_start
+        state.train_time_s = prior_time + _now() - train_start
         save_checkpoint(ckpt_dir, state, trainable, optimizer, scheduler, data_order, rng)
         saved_step = state.step
 
@@ -275,6 +283,21 @@ def recover(
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             runner.after_step()
+            if config.schedule_to_time and state.time_fit is None:
+                # Fitted before the scheduler moves on, so the next step's rate already follows the new end.
+                done, now = state.step + 1, _now()
+                if pace_start is None:
+                    pace_start = (now, done)
+                elif done - pace_start[1] >= FIT_PROBE_STEPS:
+                    state.time_fit = _fit_to_time(
+                        config, done, prior_time + now - train_start, (now - pace_start[0]) / (done - pace_start[1]),
+                        eval_s if val else None, total_steps,
+                    )  # fmt: skip
+                    total_steps = state.time_fit["total_steps"]
+                    warmup = state.time_fit["warmup_steps"]
+                    schedule.refit(warmup, total_steps)
+                    bar.total = total_steps
+                    bar.refresh()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step_loss = sums["loss"] / n_targets
@@ -291,15 +314,17 @@ def recover(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if config.eval_steps and val and state.step % config.eval_steps == 0 and state.step < total_steps:
+                eval_start = _now()
                 result = objective.evaluate(
                     runner.model, val, val_ids, config.micro_batch_size, pad_id, device
                 )
+                eval_s = _now() - eval_start
                 state.eval_history.append({"step": state.step, **result})
                 bar.write(f"step {state.step}: held-out loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
             if state.step % config.save_steps == 0:
                 save(rng_at_step)
             if config.max_time_s is not None and state.step < total_steps:
-                if prior_time + time.monotonic() - train_start >= config.max_time_s:
+                if prior_time + _now() - train_start >= config.max_time_s:
                     stopped = "max_time"
                     break
     except KeyboardInterrupt:
@@ -315,9 +340,10 @@ def recover(
     finally:
         bar.close()
     save(rng_at_step)
-    state.train_time_s = prior_time + time.monotonic() - train_start
+    state.train_time_s = prior_time + _now() - train_start
     if stopped is None:
-        stopped = "completed" if state.step >= planned_steps else "max_steps"
+        shortened = state.time_fit is not None and state.time_fit["shortened"]
+        stopped = "completed" if state.step >= planned_steps else "time_schedule" if shortened else "max_steps"
 
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
@@ -347,6 +373,7 @@ def recover(
         "steps": state.step,
         "total_steps": total_steps,
         "warmup_steps": warmup,
+        "time_fit": state.time_fit,
         "steps_per_epoch": steps_per_epoch,
         "stopped": stopped,
         "resumed_from_step": resumed_from if ckpt is not None else None,
@@ -435,6 +462,32 @@ def _filled_cache(
         "teacher_ran": built > 0,
     }
     return cache, report
+
+
+def _now() -> float:
+    """The clock of time budgets and step pacing (a function of its own, so a test can run on a fake one)."""
+    return time.monotonic()
+
+
+def _fit_to_time(
+    config: LoraRecoveryConfig, done: int, elapsed_s: float, step_s: float, eval_s: float | None, total_steps: int
+) -> dict[str, Any]:
+    """The run's new length and warm-up, with how they were found: `done` steps in `elapsed_s` of the time
+    budget, `step_s` per step since this process's first one. Never longer than the run planned
+    (`total_steps`: its epochs, or max_steps)."""
+    assert config.max_time_s is not None
+    fits = steps_that_fit(done, elapsed_s, config.max_time_s, step_s, eval_s or 0.0, config.eval_steps)
+    total = min(total_steps, fits)
+    warmup = effective_warmup(config.warmup_steps, total)
+    log.info(
+        "schedule fitted to the %.0f s budget: %.2f s a step over steps %d-%d, so the rate decays to zero at step "
+        "%d (planned: %d), warm-up %d", config.max_time_s, step_s, done - FIT_PROBE_STEPS + 1, done, total,
+        total_steps, warmup,
+    )  # fmt: skip
+    return {
+        "at_step": done, "step_s": step_s, "eval_s": eval_s, "elapsed_s": elapsed_s, "total_steps": total,
+        "warmup_steps": warmup, "shortened": total < total_steps,
+    }  # fmt: skip
 
 
 def _trainer(name: str, model: PreTrainedModel, config: LoraRecoveryConfig) -> LoraTrainer | FullTrainer:
