@@ -85,6 +85,6 @@ def test_recover_then_saved_model_loads(tiny_dir, texts, tmp_path, capsys):
     assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.0)
     # Two steps end the run before its pace is measured: the record says the schedule was not fitted.
     assert (config["max_time_s"], config["schedule_to_time"]) == (3600.0, True)
-    assert record["recovery"]["time_fit"] is None and record["recovery"]["stopped"] == "max_steps"
+    assert record["recovery"]["time_fit"] == [] and record["recovery"]["stopped"] == "max_steps"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())

@@ -284,13 +284,24 @@ def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monk
 def test_steps_that_fit_the_time_left_at_the_measured_pace():
     from llm_bip.recovery.schedule import FIT_MARGIN, steps_that_fit
 
-    assert FIT_MARGIN == 0.95
-    # 5 steps took 50 s of a 1000 s budget; 10 s a step fits (950 - 50) / 10 = 90 more.
-    assert steps_that_fit(5, 50.0, 1000.0, 10.0) == 95
-    # An evaluation of 20 s every 10 steps makes a step cost 12 s: 75 more.
-    assert steps_that_fit(5, 50.0, 1000.0, 10.0, eval_s=20.0, eval_every=10) == 80
+    assert FIT_MARGIN == 0.97
+    # 5 steps took 30 s of a 1000 s budget; 10 s a step fits (970 - 30) / 10 = 94 more.
+    assert steps_that_fit(5, 30.0, 1000.0, 10.0) == 99
+    # An evaluation of 20 s every 10 steps makes a step cost 12 s: 78 more.
+    assert steps_that_fit(5, 30.0, 1000.0, 10.0, eval_s=20.0, eval_every=10) == 83
     # Already past the budget's share: the run ends where it is.
     assert steps_that_fit(5, 990.0, 1000.0, 10.0) == 5
+
+
+def test_a_schedule_continued_to_a_new_end_does_not_jump():
+    from llm_bip.recovery.schedule import LinearSchedule
+
+    schedule = LinearSchedule(2, 12)
+    assert [schedule(s) for s in range(4)] == pytest.approx([0.0, 0.5, 1.0, 0.9])
+    schedule.continue_to(4, 20)  # from 0.8 at step 4 down to 0 at step 20
+    assert [schedule(s) for s in (4, 12, 20, 25)] == pytest.approx([0.8, 0.4, 0.0, 0.0])
+    schedule.restart(3, 30)
+    assert [schedule(s) for s in (1, 3, 30)] == pytest.approx([1 / 3, 1.0, 0.0])
 
 
 class FakeClock:
@@ -311,62 +322,89 @@ class FakeClock:
         monkeypatch.setattr(train, "_now", lambda: self.seconds)
 
 
+def time_fitted_config(**overrides) -> LoraRecoveryConfig:
+    """36 examples in batches of 8: 5 steps an epoch, the last one of a single micro-batch, so an epoch takes
+    2 + 2 + 2 + 2 + 1 = 9 s on the fake clock; 10 epochs (50 steps) planned, 40 s of budget."""
+    return small_config(**{"max_steps": None, "num_epochs": 10, "max_time_s": 40.0, "schedule_to_time": True,
+                           "warmup_steps": 4, **overrides})  # fmt: skip
+
+
 def test_schedule_fitted_to_the_time_budget_decays_to_zero_when_time_is_up(tokenizer, tmp_path, monkeypatch):
     FakeClock(monkeypatch)
     data = write_instructions(tmp_path / "alpaca.jsonl")
-    # 36 examples in batches of 8: 5 steps an epoch, the last one of a single micro-batch, so an epoch takes
-    # 2 + 2 + 2 + 2 + 1 = 9 s on the fake clock. 10 epochs planned: 50 steps.
-    config = small_config(max_steps=None, num_epochs=10, max_time_s=40.0, schedule_to_time=True, warmup_steps=4)
+    config = time_fitted_config()
     _, report = recover(pruned_like_model(len(tokenizer)), tokenizer, data, config, tmp_path / "a")
-    fit = report["time_fit"]
-    # Paced over steps 2-5 (7 s: 1.75 s a step); 9 s gone, 0.95 * 40 - 9 = 29 s left: 16 more steps, which
-    # take 38 s in all.
-    assert (fit["at_step"], fit["step_s"], fit["elapsed_s"]) == (5, 1.75, 9.0)
-    assert fit["total_steps"] == report["total_steps"] == report["steps"] == 21 and fit["shortened"]
-    assert report["stopped"] == "time_schedule" and report["train_time_s"] == 38.0
-    assert fit["warmup_steps"] == report["warmup_steps"] == 3  # a tenth of the fitted run
+    fits = report["time_fit"]
+    # First fit after steps 2-5 (7 s: 1.75 s a step), 9 s spent: (0.97 * 40 - 9) / 1.75 = 17 more steps.
+    # Then at a quarter (step 6, 11 s), half (step 11, 20 s), three quarters (step 17, 31 s) and 90% of the
+    # budget (step 20, 36 s), each from the pace since step 1 (1.8 s a step): 21 steps, 38 s in all.
+    assert [(f["at_step"], f["elapsed_s"], f["total_steps"]) for f in fits] == [
+        (5, 9.0, 22), (6, 11.0, 21), (11, 20.0, 21), (17, 31.0, 21), (20, 36.0, 21)
+    ]
+    assert fits[0]["step_s"] == 1.75 and fits[1]["step_s"] == 1.8 and all(f["shortened"] for f in fits)
+    assert report["total_steps"] == report["steps"] == 21 and report["stopped"] == "time_schedule"
+    assert report["train_time_s"] == 38.0
+    assert report["warmup_steps"] == fits[0]["warmup_steps"] == 3  # a tenth of the first fitted run
     rates = [point["lr"] for point in report["train_loss"]]
     peak = config.learning_rate
-    # Warm-up planned for 4 steps until the fit, then decay over the fitted run, down to 1/18 of the peak.
-    assert rates[:5] == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak])
-    assert rates[5:] == pytest.approx([peak * (21 - step) / 18 for step in range(5, 21)])
+    # Warm-up planned for 4 steps until the first fit, then decay with no jump at a later fit, to near zero.
+    assert rates[:6] == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak, peak * 17 / 19])
+    drops = [a - b for a, b in zip(rates[5:], rates[6:], strict=False)]
+    assert all(0 < d < 0.06 * peak for d in drops), drops  # 16/19 over the 15 steps from step 6: 0.056
+    assert rates[-1] < 0.06 * peak
 
     # Without the fit the same budget stops the planned 50-step schedule with the rate near its peak.
-    plain = small_config(max_steps=None, num_epochs=10, max_time_s=40.0, warmup_steps=4)
+    plain = time_fitted_config(schedule_to_time=False)
     _, cut = recover(pruned_like_model(len(tokenizer)), tokenizer, data, plain, tmp_path / "b")
     assert cut["stopped"] == "max_time" and cut["time_fit"] is None and cut["train_loss"][-1]["lr"] > 0.5 * peak
 
 
-def test_resume_keeps_the_fitted_schedule(tokenizer, tmp_path, monkeypatch):
+def interrupted_at(clock: FakeClock, monkeypatch, seconds: float) -> None:
+    """The next micro-batch that starts at `seconds` on the fake clock raises KeyboardInterrupt (Ctrl-C)."""
     import llm_bip.recovery.objective as objective
 
-    clock = FakeClock(monkeypatch)
-    data = write_instructions(tmp_path / "alpaca.jsonl")
-    start = pruned_like_model(len(tokenizer))
-    config = small_config(max_steps=None, num_epochs=10, max_time_s=40.0, schedule_to_time=True, save_steps=100)
-    straight, straight_report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "a")
-
-    clock.seconds = 0.0
     timed_loss = objective.summed_loss
 
     def interrupting_loss(model, batch):
-        if clock.seconds == 14.0:  # the second micro-batch of step 8 (see above), after the fit at step 5
+        if clock.seconds == seconds:
+            monkeypatch.setattr(objective, "summed_loss", timed_loss)
             raise KeyboardInterrupt
         return timed_loss(model, batch)
 
     monkeypatch.setattr(objective, "summed_loss", interrupting_loss)
+
+
+def test_resume_keeps_the_fitted_schedule(tokenizer, tmp_path, monkeypatch):
+    clock = FakeClock(monkeypatch)
+    data = write_instructions(tmp_path / "alpaca.jsonl")
+    start = pruned_like_model(len(tokenizer))
+    config = time_fitted_config(save_steps=100)
+    straight, straight_report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "a")
+
+    # Interrupted in the last step (its second micro-batch, at 37 s), after every fit: the resumed run takes
+    # that step at the rate the fitted schedule gives it, even with another budget.
+    clock.seconds = 0.0
+    interrupted_at(clock, monkeypatch, 37.0)
     with pytest.raises(KeyboardInterrupt):
         recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "b")
-    monkeypatch.setattr(objective, "summed_loss", timed_loss)
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 7 and state["time_fit"] == straight_report["time_fit"]
-    # A resume may change the budget; the schedule fitted to the first one stays.
-    longer = LoraRecoveryConfig(**{**config.to_dict(), "max_time_s": 1000.0})
+    assert state["step"] == 20 and state["time_fit"] == straight_report["time_fit"]
+    longer = time_fitted_config(save_steps=100, max_time_s=1000.0)
     resumed, report = recover(copy.deepcopy(start), tokenizer, data, longer, tmp_path / "b", resume=True)
-    assert report["total_steps"] == report["steps"] == straight_report["steps"] == 21
+    assert report["total_steps"] == report["steps"] == 21 and report["time_fit"] == straight_report["time_fit"]
     assert report["train_loss"] == straight_report["train_loss"]
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+    # Interrupted early (step 8, after the fits at steps 5 and 6): the resumed run keeps those two and fits
+    # again at the shares of the budget still ahead.
+    clock.seconds = 0.0
+    interrupted_at(clock, monkeypatch, 14.0)
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "c")
+    _, report = recover(copy.deepcopy(start), tokenizer, data, config, tmp_path / "c", resume=True)
+    assert report["resumed_from_step"] == 7 and report["time_fit"][:2] == straight_report["time_fit"][:2]
+    assert len(report["time_fit"]) > 2 and report["stopped"] == "time_schedule"
 
 
 def test_schedule_to_time_needs_a_time_budget():

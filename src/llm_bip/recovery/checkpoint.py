@@ -46,8 +46,9 @@ class TrainingState:
     trainer: str = "lora"
     # The objective's description (`LmObjective.describe()` / `DistillObjective.describe()`); None: "lm".
     objective: dict[str, Any] | None = None
-    # How the run's length was fitted to its time budget (`train._fit_to_time`); None: not (yet) fitted.
-    time_fit: dict[str, Any] | None = None
+    # How the run's length was fitted to its time budget (`schedule.TimeFit`, one entry a fit); None: no budget
+    # to fit to.
+    time_fit: list[dict[str, Any]] | None = None
 
 
 def checkpoint_path(checkpoint_dir: Path) -> Path:

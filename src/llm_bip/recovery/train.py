@@ -41,7 +41,7 @@ from llm_bip.recovery.full import FullTrainer
 from llm_bip.recovery.lora import LoraTrainer
 from llm_bip.recovery.loss import collate
 from llm_bip.recovery.objective import DistillObjective, LmObjective, Objective, describe_distillation
-from llm_bip.recovery.schedule import FIT_PROBE_STEPS, LinearSchedule, effective_warmup, steps_that_fit
+from llm_bip.recovery.schedule import LinearSchedule, TimeFit, effective_warmup
 from llm_bip.recovery.teacher import Teacher, check_same_vocabulary, vocab_digest
 from llm_bip.recovery.teacher_cache import CACHE_FORMAT, TeacherCache
 
@@ -81,7 +81,8 @@ def recover(
 
     The report holds: trainer, objective ({kind: "lm" | "distill" | "mixed", alpha, temperature, teacher,
     ...}), steps, total_steps, stopped ("completed", "max_steps", "max_time", or "time_schedule": the end of a
-    schedule fitted to max_time_s), time_fit (how that schedule was fitted; None without one), train_loss (a list of
+    schedule fitted to max_time_s), time_fit (how that schedule was fitted, a list of fits; None without one),
+    train_loss (a list of
     {step, loss, lr}, with kl and lm for distillation), eval_before / eval_after ({loss, ppl, tokens} on the
     held-out split, plus kl for distillation; None without one), eval_history, time_s, train_time_s,
     tokens_trained, trainable_params, data sizes and config.
@@ -153,8 +154,9 @@ def recover(
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     planned_steps = config.num_epochs * steps_per_epoch
     total_steps = min(planned_steps, config.max_steps) if config.max_steps else planned_steps
-    if ckpt is not None and ckpt.state.time_fit is not None:
-        total_steps = ckpt.state.time_fit["total_steps"]  # fitted once, kept by every resume
+    run_steps = total_steps  # what the run would be without fitting it to a time budget
+    if ckpt is not None and ckpt.state.time_fit:
+        total_steps = ckpt.state.time_fit[-1]["total_steps"]  # a resume keeps the fitted schedule
     if ckpt is not None:
         data_order = ckpt.data_order
     else:
@@ -209,12 +211,13 @@ def recover(
         )
     schedule = LinearSchedule(warmup, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    eval_s = None  # one held-out evaluation's seconds, when this process has timed one
 
+    eval_s = None  # the held-out evaluation before training, in seconds
     if ckpt is not None:
         runner.load(ckpt.trainable)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
+        warmup = schedule.warmup_steps  # as the checkpoint's schedule has it (a fitted run's first fit set it)
         state = ckpt.state
         state.config = config.to_dict()
         restore_rng(ckpt)
@@ -240,12 +243,18 @@ def recover(
             objective=objective_description,
         )
     resumed_from = state.step
+    fit = None
+    if config.schedule_to_time:
+        assert config.max_time_s is not None
+        state.time_fit = state.time_fit or []
+        fit = TimeFit(schedule, config.max_time_s, config.warmup_steps, run_steps, config.eval_steps, state.time_fit)
+        if eval_s is not None:
+            fit.timed_eval(eval_s)
 
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     runner.model.train()
     train_start, prior_time = _now(), state.train_time_s
-    pace_start: tuple[float, int] | None = None  # (time, steps done) after this process's first step
     saved_step = state.step if ckpt is not None else -1
 
     def save(rng: dict[str, Any]) -> None:
@@ -283,21 +292,11 @@ def recover(
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             runner.after_step()
-            if config.schedule_to_time and state.time_fit is None:
-                # Fitted before the scheduler moves on, so the next step's rate already follows the new end.
-                done, now = state.step + 1, _now()
-                if pace_start is None:
-                    pace_start = (now, done)
-                elif done - pace_start[1] >= FIT_PROBE_STEPS:
-                    state.time_fit = _fit_to_time(
-                        config, done, prior_time + now - train_start, (now - pace_start[0]) / (done - pace_start[1]),
-                        eval_s if val else None, total_steps,
-                    )  # fmt: skip
-                    total_steps = state.time_fit["total_steps"]
-                    warmup = state.time_fit["warmup_steps"]
-                    schedule.refit(warmup, total_steps)
-                    bar.total = total_steps
-                    bar.refresh()
+            now = _now()
+            if fit is not None and fit.after_step(state.step + 1, prior_time + now - train_start, now):
+                total_steps, warmup = fit.total_steps, schedule.warmup_steps
+                bar.total = total_steps
+                bar.refresh()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step_loss = sums["loss"] / n_targets
@@ -318,7 +317,8 @@ def recover(
                 result = objective.evaluate(
                     runner.model, val, val_ids, config.micro_batch_size, pad_id, device
                 )
-                eval_s = _now() - eval_start
+                if fit is not None:
+                    fit.timed_eval(_now() - eval_start)
                 state.eval_history.append({"step": state.step, **result})
                 bar.write(f"step {state.step}: held-out loss {result['loss']:.4f}, ppl {result['ppl']:.2f}")
             if state.step % config.save_steps == 0:
@@ -342,7 +342,7 @@ def recover(
     save(rng_at_step)
     state.train_time_s = prior_time + _now() - train_start
     if stopped is None:
-        shortened = state.time_fit is not None and state.time_fit["shortened"]
+        shortened = bool(state.time_fit) and state.time_fit[-1]["shortened"]
         stopped = "completed" if state.step >= planned_steps else "time_schedule" if shortened else "max_steps"
 
     if config.gradient_checkpointing:
@@ -467,27 +467,6 @@ def _filled_cache(
 def _now() -> float:
     """The clock of time budgets and step pacing (a function of its own, so a test can run on a fake one)."""
     return time.monotonic()
-
-
-def _fit_to_time(
-    config: LoraRecoveryConfig, done: int, elapsed_s: float, step_s: float, eval_s: float | None, total_steps: int
-) -> dict[str, Any]:
-    """The run's new length and warm-up, with how they were found: `done` steps in `elapsed_s` of the time
-    budget, `step_s` per step since this process's first one. Never longer than the run planned
-    (`total_steps`: its epochs, or max_steps)."""
-    assert config.max_time_s is not None
-    fits = steps_that_fit(done, elapsed_s, config.max_time_s, step_s, eval_s or 0.0, config.eval_steps)
-    total = min(total_steps, fits)
-    warmup = effective_warmup(config.warmup_steps, total)
-    log.info(
-        "schedule fitted to the %.0f s budget: %.2f s a step over steps %d-%d, so the rate decays to zero at step "
-        "%d (planned: %d), warm-up %d", config.max_time_s, step_s, done - FIT_PROBE_STEPS + 1, done, total,
-        total_steps, warmup,
-    )  # fmt: skip
-    return {
-        "at_step": done, "step_s": step_s, "eval_s": eval_s, "elapsed_s": elapsed_s, "total_steps": total,
-        "warmup_steps": warmup, "shortened": total < total_steps,
-    }  # fmt: skip
 
 
 def _trainer(name: str, model: PreTrainedModel, config: LoraRecoveryConfig) -> LoraTrainer | FullTrainer:
