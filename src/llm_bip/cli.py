@@ -671,8 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive)
     p.add_argument("--max-time", type=float, help="stop after this many seconds (a checkpoint is written)")
     p.add_argument("--schedule-to-time", action="store_true",
-                   help="end the learning-rate schedule at --max-time (fitted to the pace of the first steps), so "
-                        "the rate has decayed to zero when time is up instead of being cut off mid-schedule")
+                   help="end the learning-rate schedule at --max-time (fitted to the measured pace of the steps, "
+                        "after the first few and again as the run goes), so the rate has decayed to zero when time "
+                        "is up instead of being cut off mid-schedule")
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=_positive)
     p.add_argument("--batch-size", type=_positive, help="effective batch (gradient accumulation), default 64")

@@ -28,9 +28,9 @@ class LoraRecoveryConfig:
     micro-batches of `micro_batch_size`. `max_steps` caps the run and, as in Hugging Face's Trainer, sets the
     length of the learning-rate schedule; `max_time_s` only stops the run (the schedule is unchanged, so a
     resumed run continues it exactly), unless `schedule_to_time`: then the schedule ends when the time is up, as
-    far as the pace of the run's first steps tells (`recovery.schedule.steps_that_fit`; fitted once, kept in the
-    checkpoint, so a resumed run still continues it exactly). Full fine-tuning (`recover(..., trainer="full")`) uses every field but the
-    LoRA-only ones (`LORA_ONLY_FIELDS`), which must then keep their defaults.
+    far as the measured pace of the run's steps tells (`recovery.schedule.TimeFit`: fitted after the first steps
+    and again as the run goes; the fits are kept in the checkpoint, which a resumed run continues from). Full
+    fine-tuning (`recover(..., trainer="full")`) uses every field but the LoRA-only ones (`LORA_ONLY_FIELDS`), which must then keep their defaults.
     """
 
     lora_r: int = 8

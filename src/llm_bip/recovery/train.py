@@ -82,8 +82,7 @@ def recover(
     The report holds: trainer, objective ({kind: "lm" | "distill" | "mixed", alpha, temperature, teacher,
     ...}), steps, total_steps, stopped ("completed", "max_steps", "max_time", or "time_schedule": the end of a
     schedule fitted to max_time_s), time_fit (how that schedule was fitted, a list of fits; None without one),
-    train_loss (a list of
-    {step, loss, lr}, with kl and lm for distillation), eval_before / eval_after ({loss, ppl, tokens} on the
+    train_loss (a list of {step, loss, lr}, with kl and lm for distillation), eval_before / eval_after ({loss, ppl, tokens} on the
     held-out split, plus kl for distillation; None without one), eval_history, time_s, train_time_s,
     tokens_trained, trainable_params, data sizes and config.
     """
