@@ -17,7 +17,8 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
               `--out`, less 5), so the rate decays to zero by the time limit (planned over the epoch's 300
               steps, it is still at about a fifth of its peak when time runs out)
     lora-lm-r32-fit  lora-lm-r32 with `--schedule-to-time`: recover ends the schedule at the time limit, as
-              the pace of its own first steps predicts, with no earlier run to learn the step count from
+              the measured pace of its own steps predicts (fitted after its first steps and again as it goes),
+              with no earlier run to learn the step count from
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
