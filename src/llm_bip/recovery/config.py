@@ -30,7 +30,8 @@ class LoraRecoveryConfig:
     resumed run continues it exactly), unless `schedule_to_time`: then the schedule ends when the time is up, as
     far as the measured pace of the run's steps tells (`recovery.schedule.TimeFit`: fitted after the first steps
     and again as the run goes; the fits are kept in the checkpoint, which a resumed run continues from). Full
-    fine-tuning (`recover(..., trainer="full")`) uses every field but the LoRA-only ones (`LORA_ONLY_FIELDS`), which must then keep their defaults.
+    fine-tuning (`recover(..., trainer="full")`) uses every field but the LoRA-only ones (`LORA_ONLY_FIELDS`),
+    which must then keep their defaults.
     """
 
     lora_r: int = 8

@@ -92,7 +92,7 @@ class TimeFit:
     ) -> None:  # fmt: skip
         self.schedule, self.budget_s, self.warmup_steps = schedule, budget_s, warmup_steps
         self.planned_steps, self.eval_every, self.fits = planned_steps, eval_every, fits
-        self._pace_start: tuple[float, int] | None = None  # (time, steps done) after this process's first step
+        self._pace_start: tuple[float, int] | None = None  # (seconds spent, steps done) after this process's first step
         self._eval_since_start = 0.0
         self._eval_s: float | None = None
 
@@ -106,11 +106,11 @@ class TimeFit:
         if self._pace_start is not None:
             self._eval_since_start += seconds
 
-    def after_step(self, done: int, elapsed_s: float, now: float) -> bool:
+    def after_step(self, done: int, elapsed_s: float) -> bool:
         """Called when step `done` is taken, before the scheduler moves on (so the next step's rate follows a
         new end); `elapsed_s` of the budget are spent. True when the run's length was fitted (again)."""
         if self._pace_start is None:
-            self._pace_start = (now, done)
+            self._pace_start = (elapsed_s, done)
             return False
         timed = done - self._pace_start[1]
         if timed < FIT_PROBE_STEPS:
@@ -118,7 +118,7 @@ class TimeFit:
         if self.fits:
             if len(self.fits) > len(REFIT_AT) or elapsed_s < REFIT_AT[len(self.fits) - 1] * self.budget_s:
                 return False
-        step_s = (now - self._pace_start[0] - self._eval_since_start) / timed
+        step_s = (elapsed_s - self._pace_start[0] - self._eval_since_start) / timed
         fits = steps_that_fit(done, elapsed_s, self.budget_s, step_s, self._eval_s or 0.0, self.eval_every)
         total = min(self.planned_steps, fits)
         if not self.fits or done < self.schedule.warmup_steps:

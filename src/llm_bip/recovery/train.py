@@ -82,9 +82,9 @@ def recover(
     The report holds: trainer, objective ({kind: "lm" | "distill" | "mixed", alpha, temperature, teacher,
     ...}), steps, total_steps, stopped ("completed", "max_steps", "max_time", or "time_schedule": the end of a
     schedule fitted to max_time_s), time_fit (how that schedule was fitted, a list of fits; None without one),
-    train_loss (a list of {step, loss, lr}, with kl and lm for distillation), eval_before / eval_after ({loss, ppl, tokens} on the
-    held-out split, plus kl for distillation; None without one), eval_history, time_s, train_time_s,
-    tokens_trained, trainable_params, data sizes and config.
+    train_loss (a list of {step, loss, lr}, with kl and lm for distillation), eval_before / eval_after ({loss,
+    ppl, tokens} on the held-out split, plus kl for distillation; None without one), eval_history, time_s,
+    train_time_s, tokens_trained, trainable_params, data sizes and config.
     """
     run_start = time.monotonic()
     config = config or LoraRecoveryConfig()
@@ -256,11 +256,15 @@ def recover(
     train_start, prior_time = _now(), state.train_time_s
     saved_step = state.step if ckpt is not None else -1
 
+    def spent() -> float:
+        """Seconds of training so far, those before a resume included: what max_time_s budgets."""
+        return prior_time + _now() - train_start
+
     def save(rng: dict[str, Any]) -> None:
         nonlocal saved_step
         if ckpt_dir is None or saved_step == state.step:
             return
-        state.train_time_s = prior_time + _now() - train_start
+        state.train_time_s = spent()
         save_checkpoint(ckpt_dir, state, trainable, optimizer, scheduler, data_order, rng)
         saved_step = state.step
 
@@ -291,8 +295,7 @@ def recover(
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             runner.after_step()
-            now = _now()
-            if fit is not None and fit.after_step(state.step + 1, prior_time + now - train_start, now):
+            if fit is not None and fit.after_step(state.step + 1, spent()):
                 total_steps, warmup = fit.total_steps, schedule.warmup_steps
                 bar.total = total_steps
                 bar.refresh()
@@ -323,7 +326,7 @@ def recover(
             if state.step % config.save_steps == 0:
                 save(rng_at_step)
             if config.max_time_s is not None and state.step < total_steps:
-                if prior_time + _now() - train_start >= config.max_time_s:
+                if spent() >= config.max_time_s:
                     stopped = "max_time"
                     break
     except KeyboardInterrupt:
@@ -339,7 +342,7 @@ def recover(
     finally:
         bar.close()
     save(rng_at_step)
-    state.train_time_s = prior_time + _now() - train_start
+    state.train_time_s = spent()
     if stopped is None:
         shortened = bool(state.time_fit) and state.time_fit[-1]["shortened"]
         stopped = "completed" if state.step >= planned_steps else "time_schedule" if shortened else "max_steps"
