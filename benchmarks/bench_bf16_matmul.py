@@ -2,9 +2,9 @@
 
     python benchmarks/bench_bf16_matmul.py --out benchmarks/results/bf16_matmul_<host>.json
 
-Weights stay in the checkpoint's dtype (bf16 for a GGUF file), which is fast on CPUs with AMX or AVX512-BF16
-and slow without them; the README's dtype note quotes this measurement. The CPU flags that decide it are
-recorded beside the times.
+bf16 is fast on CPUs with AMX or AVX512-BF16 and slow without them; `--dtype auto` (and a GGUF file's
+weights) choose float32 on the latter by these flags (llm_bip.dtypes), which are recorded beside the times.
+The README's dtype note quotes this measurement.
 """
 
 from __future__ import annotations
@@ -16,16 +16,7 @@ from pathlib import Path
 
 import torch
 
-BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return [flag for flag in BF16_FLAGS if flag in line.split()]
+from llm_bip.dtypes import cpu_bf16_flags
 
 
 def time_product(dtype: torch.dtype, tokens: int, hidden: int, width: int, repeats: int) -> float:
@@ -54,7 +45,7 @@ def main() -> None:
     result = {
         "shape": [args.tokens, args.hidden, args.width],
         "threads": torch.get_num_threads(),
-        "cpu_bf16_flags": cpu_flags(),
+        "cpu_bf16_flags": list(cpu_bf16_flags()),
         "ms": {name: time_product(dtype, args.tokens, args.hidden, args.width, args.repeats)
                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))},
     }

@@ -62,7 +62,7 @@ def test_gemma_is_measured_on_bos_first_windows_and_llama_on_bare_ones():
     result, model, ids = _evaluate("gemma3_text", SimpleNamespace(bos_token_id=BOS))
     assert result["bos_per_window"] is True and result["windows"] == 6  # 60 // 9
     windows = text_windows(ids, 10, bos_id=BOS)
-    with torch.no_grad(), compute_context(model, "bfloat16"):
+    with torch.no_grad(), compute_context(model, result["dtype"]):  # the dtype it says it computed in
         hidden = model.base_model(windows, use_cache=False).last_hidden_state
         expected = math.exp(window_losses(model, hidden, windows).mean().item())
     assert result["perplexity"] == pytest.approx(expected, rel=1e-4)

@@ -34,9 +34,9 @@ from llm_bip.data import (
     tokenize,
 )
 from llm_bip.devices import out_of_memory_is_an_error
+from llm_bip.dtypes import COMPUTE_DTYPES, DTYPES, compute_dtype, dtype_name
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import (
-    DTYPES,
     compute_context,
     perplexity,
     window_batch_size,
@@ -102,11 +102,11 @@ def calibrate(
 
 def score(
     loaded: LoadedModel, samples: torch.Tensor, method: str = "llm-bip", calibration: dict | None = None,
-    batch_size: int = 8, dtype: str = "bfloat16", progress: bool = True, **options,
+    batch_size: int = 8, dtype: str = "auto", progress: bool = True, **options,
 ) -> ScoreTable:
     """Score every head and channel on the dense model's activations (one forward pass per block)."""
     check_batch_size(batch_size)
-    with compute_context(loaded.model, dtype):
+    with compute_context(loaded.model, compute_dtype(dtype, loaded.dtype, loaded.device)):
         return _score(loaded, make_scorer(method, **options), samples, batch_size, calibration, progress)
 
 
@@ -127,7 +127,7 @@ def check_config(loaded: LoadedModel, config: PruneConfig) -> None:
 
 def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, timing_table: str | Path | None = None,
                    progress: bool = True, samples: torch.Tensor | None = None, calibration: dict | None = None,
-                   batch_size: int = 8, dtype: str = "bfloat16",
+                   batch_size: int = 8, dtype: str = "auto",
                    routes: tuple[str, ...] | None = None) -> tuple[PruneConfig, dict]:
     """`config` with the amounts (ratio and whole blocks) that meet a speed target on `loaded`'s device by
     its timing table (measured once per device and model shape, cached), and what the record says about it.
@@ -150,8 +150,8 @@ def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget
         raise LlmBipError("--speed-route auto prunes a copy of the model in memory by each route to compare them; "
                           "this model is streamed: choose --speed-route width, mixed or depth (docs/results.md §9 "
                           "compares them on SmolLM2)")
-    return _choose_route(loaded, config, target, table, costs, samples, calibration, batch_size, dtype, progress,
-                         routes)
+    return _choose_route(loaded, config, target, table, costs, samples, calibration, batch_size,
+                         compute_dtype(dtype, loaded.dtype, loaded.device), progress, routes)
 
 
 # Held-out windows that judge auto's candidates: enough tokens for a stable mean loss, few next to the prunes.
@@ -224,7 +224,7 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
 
 def prune(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, calibration: dict | None = None,
-    scores: ScoreTable | None = None, batch_size: int = 8, dtype: str = "bfloat16", progress: bool = True,
+    scores: ScoreTable | None = None, batch_size: int = 8, dtype: str = "auto", progress: bool = True,
     plan: PruningPlan | None = None, rounding: RoundingSpec | None = None,
 ) -> PruneResult:
     """Score, plan, compensate and cut `loaded.model` in place. With `plan`, apply that plan's selections
@@ -234,9 +234,17 @@ def prune(
     if loaded.streamed:
         raise LlmBipError("a streamed model is pruned straight into its output: use api.prune_to_disk")
     rounder = _rounder(loaded, config, rounding)
-    with compute_context(loaded.model, dtype):
-        return _prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan,
-                      rounder=rounder)
+    dtypes = _dtypes_record(loaded, dtype)
+    with compute_context(loaded.model, dtypes["compute_dtype"]):
+        result = _prune(loaded, config, samples, batch_size, calibration, scores, progress, fixed_plan=plan,
+                        rounder=rounder)
+    result.report.update(dtypes)
+    return result
+
+
+def _dtypes_record(loaded: LoadedModel, dtype: str) -> dict:
+    """The weights' dtype and the compute dtype `dtype` resolves to, as the pruning record says them."""
+    return {"weights_dtype": dtype_name(loaded.dtype), "compute_dtype": compute_dtype(dtype, loaded.dtype, loaded.device)}
 
 
 def _rounding_for(target: SpeedTarget, config: PruneConfig) -> RoundingSpec | None:
@@ -261,7 +269,7 @@ def _rounder(loaded: LoadedModel, config: PruneConfig, rounding: RoundingSpec | 
 def prune_to_disk(
     loaded: LoadedModel, config: PruneConfig, samples: torch.Tensor | None, out_dir: str | Path,
     calibration: dict | None = None, scores: ScoreTable | None = None, plan: PruningPlan | None = None,
-    batch_size: int = 8, dtype: str = "bfloat16", save_dtype: torch.dtype | None = None, resume: bool = False,
+    batch_size: int = 8, dtype: str = "auto", save_dtype: torch.dtype | None = None, resume: bool = False,
     overwrite: bool = False, progress: bool = True, record: dict | None = None, inputs: tuple = (),
     rounding: RoundingSpec | None = None,
 ) -> tuple[PruneResult, Path]:
@@ -277,9 +285,10 @@ def prune_to_disk(
             raise LlmBipError(SENSITIVITY_NEEDS_MEMORY)
         from llm_bip.streamed_prune import prune_streamed
 
-        with compute_context(loaded.model, dtype):
+        dtypes = _dtypes_record(loaded, dtype)
+        with compute_context(loaded.model, dtypes["compute_dtype"]):
             return prune_streamed(loaded, config, samples, out_dir, calibration, scores, plan, batch_size, save_dtype,
-                                  resume, overwrite, progress, record, inputs)
+                                  resume, overwrite, progress, dict(record or {}, **dtypes), inputs)
     if resume:
         raise LlmBipError("--resume continues a streamed run: pass --streaming (a model in memory keeps no checkpoint)")
     result = prune(loaded, config, samples, calibration, scores, batch_size, dtype, progress, plan, rounding)
@@ -296,12 +305,13 @@ def apply_plan(loaded: LoadedModel, plan: PruningPlan) -> PruneResult:
 
 def evaluate(
     loaded: LoadedModel, sources: list[str], seq_lens: list[int] = (128, 2048),
-    max_windows: int | Callable[[int], int | None] | None = None, batch_size: int = 4, dtype: str = "bfloat16",
+    max_windows: int | Callable[[int], int | None] | None = None, batch_size: int = 4, dtype: str = "auto",
     progress: bool = True, tokenized: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """Perplexity on each source at each sequence length, keyed "source@seq_len". `max_windows` may depend
     on the length; `tokenized` gives texts already tokenized, by name."""
     check_batch_size(batch_size)
+    dtype = compute_dtype(dtype, loaded.dtype, loaded.device)
     for seq_len in seq_lens:
         check_seq_len(loaded, seq_len, "evaluation length")
     results = {}
@@ -350,7 +360,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, tensor_type: str = 
 
 
 def recover(loaded: LoadedModel, data: str | Path, config: LoraRecoveryConfig | None = None,
-            checkpoint_dir: str | Path | None = None, resume: bool = False, dtype: str = "bfloat16", *,
+            checkpoint_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto", *,
             trainer: str = "lora", teacher: LoadedModel | Teacher | str | Path | None = None,
             distill: DistillConfig | None = None, teacher_cache: str | Path | None = None) -> dict:
     """Recovery fine-tuning of `loaded.model` in place; returns the run's report.
@@ -364,6 +374,7 @@ def recover(loaded: LoadedModel, data: str | Path, config: LoraRecoveryConfig | 
     from llm_bip.recovery import LoraRecoveryConfig, Teacher
     from llm_bip.recovery import recover as _recover
 
+    dtype = compute_dtype(dtype, loaded.dtype, loaded.device, casts_weights=trainer == "lora")
     if isinstance(teacher, LoadedModel):
         if teacher.streamed:
             raise LlmBipError("a streamed teacher cannot run whole batches: load the teacher without streaming")
@@ -386,18 +397,19 @@ def recover(loaded: LoadedModel, data: str | Path, config: LoraRecoveryConfig | 
     return report
 
 
-def load_teacher(source: str | Path, dtype: str = "bfloat16", device: str | torch.device = "cpu") -> Teacher:
+def load_teacher(source: str | Path, dtype: str = "auto", device: str | torch.device = "cpu") -> Teacher:
     """The dense model to distil from (hub id, model directory or .gguf file), as a `recovery.Teacher`.
 
     Its tokenizer, vocabulary size and identity (resolved path and size of its weight files) are read now, so
-    a wrong teacher fails before any work; its weights are loaded (like `load`, in `dtype`, on `device`) only
-    when its outputs are needed, which is never when a teacher cache already holds what a run reads."""
+    a wrong teacher fails before any work; its weights are loaded (like `load`, in `dtype`: "auto" is `load`'s
+    own choice, on `device`) only when its outputs are needed, which is never when a teacher cache already
+    holds what a run reads."""
     from llm_bip.loading import load_tokenizer, locate, read_config
     from llm_bip.recovery import Teacher
     from llm_bip.recovery.teacher import files_identity
 
-    if dtype not in DTYPES:
-        raise LlmBipError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise LlmBipError(f"unknown dtype '{dtype}': use one of {', '.join(COMPUTE_DTYPES)}")
     files = locate(source)
     vocab_size = read_config(files).vocab_size
     return Teacher(files_identity(Path(files.where)), vocab_size, load_tokenizer(files),

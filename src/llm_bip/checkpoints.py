@@ -157,7 +157,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A GGUF file's tensors under Hugging Face names, dequantized one by one (to bfloat16 by default)."""
+    """A GGUF file's tensors under Hugging Face names, dequantized one by one (to the dtype asked for)."""
 
     def __init__(self, path: Path, skeleton) -> None:
         from gguf import GGUFReader
@@ -213,7 +213,9 @@ class GGUFCheckpoint(Checkpoint):
 
     @property
     def stored_dtype(self) -> torch.dtype:
-        return torch.bfloat16  # quantized weights dequantize to bfloat16
+        # Quantized weights have no float dtype: bf16 is their half-precision form. A GGUF model's weights in
+        # memory are bf16 or float32 by the device (loading._gguf_weights_dtype).
+        return torch.bfloat16
 
     @property
     def size_bytes(self) -> int:

@@ -36,8 +36,8 @@ from llm_bip.data import (
     resolve_eval_sources,
 )
 from llm_bip.devices import DEVICE_CHOICES
+from llm_bip.dtypes import COMPUTE_DTYPE_HELP, COMPUTE_DTYPES, WEIGHTS_DTYPE_HELP, compute_dtype
 from llm_bip.errors import LlmBipError
-from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.export_gguf import TENSOR_TYPES as GGUF_TYPES
 from llm_bip.loading import DEFAULT_MODEL, WEIGHTS_DTYPES
 from llm_bip.outputs import check_output_file, is_json_with, write_text_atomic
@@ -116,9 +116,8 @@ def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> Non
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--weights-dtype", default="auto", choices=list(WEIGHTS_DTYPES),
-                   help="dtype of the weights in memory (default: the checkpoint's; GGUF dequantizes to bfloat16)")
-    g.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
-                   help="compute dtype where the weights are float32 (autocast); statistics are always float32")
+                   help=WEIGHTS_DTYPE_HELP)
+    g.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES, help=COMPUTE_DTYPE_HELP)
     g.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     g.add_argument("--streaming", action="store_true",
                    help="never hold the whole model: one block at a time from disk (chosen by itself when the "
@@ -462,7 +461,9 @@ def cmd_export(args) -> None:
 def _load(args, model, streaming=None):
     """A model as the command's --weights-dtype, --device and --streaming ask."""
     chosen = streaming if streaming is not None else (True if getattr(args, "streaming", False) else "auto")
-    return api.load(model, getattr(args, "weights_dtype", "auto"), getattr(args, "device", "cpu"), chosen)
+    lm = api.load(model, getattr(args, "weights_dtype", "auto"), getattr(args, "device", "cpu"), chosen)
+    compute_dtype(getattr(args, "dtype", "auto"), lm.dtype, lm.device)  # one that cannot apply fails before any work
+    return lm
 
 
 def _save_dtype(args):
@@ -554,7 +555,9 @@ def cmd_recover(args) -> None:
     # The teacher's tokenizer and config are read now (a wrong teacher fails before the long work); its
     # weights only when the run needs its outputs.
     teacher = api.load_teacher(args.teacher, args.dtype, args.device) if args.teacher else None
-    lm = api.load(args.model, device=args.device)
+    lm = api.load(args.model, args.weights_dtype, args.device)
+    # LoRA casts its frozen base to the compute dtype; evaluations and full fine-tuning cannot.
+    compute_dtype(args.dtype, lm.dtype, lm.device, casts_weights=trainer == "lora" and not eval_sources)
     before = api.evaluate(lm, eval_sources, args.eval_seq_len, args.eval_max_windows, dtype=args.dtype,
                           progress=not args.quiet) if eval_sources else {}
     _print_ppl("before", before)
@@ -703,7 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for the teacher's top-k log-probabilities (filled on first use): later runs and "
                         "resumes read it instead of running the teacher; sparse KL over the top k plus the rest")
     g.add_argument("--teacher-top-k", type=_positive, help="tokens per position in --teacher-cache (default 64)")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="compute dtype of the frozen base (LoRA: cast to it) or of the forward passes (full: "
+                        "autocast); auto: bf16 where the device has bf16 units or the weights are bf16, else float32")
+    p.add_argument("--weights-dtype", default="auto", choices=list(WEIGHTS_DTYPES),
+                   help="dtype of the model's weights in memory, and of the recovered model saved (default: the "
+                        "checkpoint's)")
     p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     p.add_argument("--eval", nargs="*", default=[], help="perplexity texts before and after (default: none)")
     p.add_argument("--eval-seq-len", type=_positive, nargs="+", default=[128])

@@ -11,8 +11,8 @@ from llm_bip.compare.recipes import _OVERRIDES, DEFAULT_METHODS, RECIPES, Compar
 from llm_bip.compare.run import check_runnable, compare
 from llm_bip.config import RATIO_OF
 from llm_bip.devices import DEVICE_CHOICES
+from llm_bip.dtypes import COMPUTE_DTYPE_HELP, COMPUTE_DTYPES, WEIGHTS_DTYPE_HELP
 from llm_bip.errors import LlmBipError
-from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.plan import GQA_MODES
 
 
@@ -28,10 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio-of", default="non-embedding", choices=RATIO_OF)
     p.add_argument("--gqa-mode", default="kv-groups", choices=GQA_MODES)
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, model directory or .gguf file")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
-                   help="compute dtype where the weights are float32 (autocast)")
-    p.add_argument("--weights-dtype", default="auto", choices=list(WEIGHTS_DTYPES),
-                   help="dtype of the weights in memory (default: the checkpoint's; GGUF dequantizes to bfloat16)")
+    p.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES, help=COMPUTE_DTYPE_HELP)
+    p.add_argument("--weights-dtype", default="auto", choices=list(WEIGHTS_DTYPES), help=WEIGHTS_DTYPE_HELP)
     p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", default=DEFAULT_CALIBRATION)

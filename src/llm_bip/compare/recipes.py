@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 
 from llm_bip.allocation import ALLOCATIONS
 from llm_bip.config import RATIO_OF, PruneConfig
+from llm_bip.dtypes import COMPUTE_DTYPES
 from llm_bip.errors import LlmBipError
-from llm_bip.evaluation.perplexity import DTYPES
 from llm_bip.plan import GQA_MODES
 from llm_bip.scoring import SCORERS
 
@@ -124,7 +124,7 @@ class CompareConfig:
     ratio_of: str = "non-embedding"
     gqa_mode: str = "kv-groups"
     batch_size: int = 8
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # resolved against the model's weights and device when the comparison runs
     seed: int = 0
 
     def windows(self, seq_len: int) -> int | None:
@@ -147,8 +147,8 @@ class CompareConfig:
             raise LlmBipError(f"unknown ratio-of '{self.ratio_of}': use one of {', '.join(RATIO_OF)}")
         if self.gqa_mode not in GQA_MODES:
             raise LlmBipError(f"unknown GQA mode '{self.gqa_mode}': use one of {', '.join(GQA_MODES)}")
-        if self.dtype not in DTYPES:
-            raise LlmBipError(f"unknown dtype '{self.dtype}': use one of {', '.join(DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise LlmBipError(f"unknown dtype '{self.dtype}': use one of {', '.join(COMPUTE_DTYPES)}")
         if not self.eval_seq_lens or any(n < 2 for n in self.eval_seq_lens):
             raise LlmBipError("evaluation sequence lengths must be at least 2 tokens")
         for recipe in recipes:

@@ -8,6 +8,7 @@ once per ratio.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from llm_bip.compare.memory import PeakMemory
 from llm_bip.compare.recipes import CompareConfig, Recipe
 from llm_bip.compare.report import CompareResult, write_outputs
 from llm_bip.config import PruneConfig
+from llm_bip.dtypes import compute_dtype
 from llm_bip.errors import LlmBipError
 from llm_bip.loading import LoadedModel
 from llm_bip.outputs import check_output_dir, staging_dir, swap_into_place
@@ -84,6 +86,7 @@ def compare(
     """
     recipes = config.recipes()
     check_runnable(loaded, recipes, config, tuple(samples.shape))
+    config = dataclasses.replace(config, dtype=compute_dtype(config.dtype, loaded.dtype, loaded.device))  # as reported
     out = check_output_dir(out_dir, overwrite=True, what="compare output")  # an empty or earlier comparison only
     num_layers = loaded.adapter.num_blocks
     before = count_parameters(loaded.model, loaded.adapter)

@@ -1,5 +1,6 @@
 """Perplexity as the field reports it: non-overlapping windows of `seq_len` tokens over the test text
-(non-empty lines joined by a blank line), exp of the mean window loss. bf16 by default on CPU."""
+(non-empty lines joined by a blank line), exp of the mean window loss, in the compute dtype the caller
+resolved (`dtypes.compute_dtype`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from llm_bip.data import load_text, text_windows, tokenize
+from llm_bip.dtypes import DTYPES
 from llm_bip.errors import LlmBipError
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def compute_context(model: nn.Module, dtype: str):
