@@ -39,7 +39,7 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices at least as fast as float32 ones. Unknown kinds (MPS, or a
-    CPU whose flags cannot be read) count as not: float32 is never the slow choice by much."""
+    CPU whose flags cannot be read) count as not: float32 is right everywhere, bf16 only where it is known to pay."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
