@@ -3,9 +3,11 @@
 Weights stay in the checkpoint's dtype (`weights_dtype="auto"`) and go to the requested device. A GGUF
 file's quantized weights have no float dtype of their own: they dequantize to bfloat16 where the device
 multiplies bf16 fast (`dtypes.fast_bfloat16`) or the model is streamed, and to float32 elsewhere when
-float32 weights fit (5x faster than emulated bf16 there, and the dequantized values exactly). With `streaming=True` nothing but the embedding is read: the model is a
-skeleton on the meta device whose blocks the block loop reads one at a time from the checkpoint
-(`streaming.py`), so a model larger than memory can be pruned and evaluated.
+float32 weights fit (there about 5x faster than emulated bf16, and the dequantized values exactly).
+
+With `streaming=True` nothing but the embedding is read: the model is a skeleton on the meta device whose
+blocks the block loop reads one at a time from the checkpoint (`streaming.py`), so a model larger than
+memory can be pruned and evaluated.
 """
 
 from __future__ import annotations
