@@ -507,3 +507,20 @@ def test_cli_distillation_runs_and_the_record_says_what_was_done(
     assert (
         recovery["objective"]["teacher_targets"] == "full" and recovery["objective"]["teacher_cache"] is None
     )
+
+
+def test_cli_float32_compute_of_a_bf16_model_needs_float32_weights(tokenizer, data, tmp_path, capsys):
+    """Full fine-tuning autocasts, and autocast cannot run bf16 weights in float32: refused, with the way out."""
+    path = tmp_path / "bf16"
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config(len(tokenizer))).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    common = ["recover", "--model", str(path), "--data", str(data), "--max-steps", "1", "--batch-size", "2",
+              "--micro-batch-size", "2", "--warmup-steps", "0", "--full-finetune", "--dtype", "float32", "--quiet"]
+    out = tmp_path / "out"
+    assert main([*common, "--output", str(out)]) == 2
+    assert re.search("--dtype float32 cannot apply to bfloat16 weights.*--weights-dtype float32", capsys.readouterr().err)
+    assert not out.exists()
+    assert main([*common, "--weights-dtype", "float32", "--output", str(out)]) == 0
+    record = json.loads((out / "pruning_record.json").read_text())
+    assert record["recovery"]["compute_dtype"] == "float32" and record["saved_dtype"] == "float32"
