@@ -92,3 +92,16 @@ def test_cli_refuses_float32_compute_of_bf16_weights_before_any_work(tokenizer, 
     record = json.loads((out / "pruning_record.json").read_text())
     assert record["weights_dtype"] == "float32" and record["saved_dtype"] == "float32"
     assert record["compute_dtype"] == ("bfloat16" if dtypes.fast_bfloat16(CPU) else "float32")
+
+
+def test_compare_refuses_float32_compute_of_bf16_weights_before_calibration(tokenizer, tmp_path, capsys, monkeypatch):
+    from conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "m", tokenizer)
+    out = tmp_path / "out"
+    monkeypatch.setattr(api, "calibrate", lambda *a, **k: pytest.fail("calibrated before the dtype was checked"))
+    code = main(["compare", "--model", str(folder), "--weights-dtype", "bfloat16", "--dtype", "float32",
+                 "--methods", "llm-bip", "--ratios", "0.2", "--calibration", "lee", "--num-samples", "2",
+                 "--seq-len", "16", "--eval", "lee", "--quiet", "--output", str(out)])
+    assert code == 2 and "--dtype float32 cannot apply to bfloat16 weights" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

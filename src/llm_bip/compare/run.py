@@ -41,7 +41,8 @@ def _fresh(loaded: LoadedModel) -> LoadedModel:
 
 
 def check_runnable(loaded: LoadedModel, recipes: list[Recipe], config: CompareConfig, samples_shape) -> None:
-    """Every (method, ratio) can be planned on this model, and gradient methods fit in memory."""
+    """The compute dtype applies, every (method, ratio) can be planned on this model, and gradient methods fit."""
+    compute_dtype(config.dtype, loaded.dtype, loaded.device)  # e.g. float32 asked of bf16 weights: before calibration
     blocks = loaded.adapter.blocks(loaded.model)
     costs = costs_of(loaded)
     counts = count_parameters(loaded.model, loaded.adapter)
