@@ -19,6 +19,8 @@ calibration source, 256-token examples, one epoch at most) for at most `--minute
     lora-lm-r32-fit  lora-lm-r32 with `--schedule-to-time`: recover ends the schedule at the time limit, as
               the measured pace of its own steps predicts (fitted after its first steps and again as it goes),
               with no earlier run to learn the step count from
+    lora-lm-r32-fit-1024  lora-lm-r32-fit on 1,024-token sequences (batch 2, held-out set 16): the same
+              tokens per step and held out, but positions up to 1,024 trained, for the @2048 measures
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
@@ -66,6 +68,10 @@ RUNS = {
                            "--max-steps", "{steps}"],
     "lora-lm-r32-fit": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
                         "--schedule-to-time"],
+    # The same tokens per step and per held-out set, in 1,024-token sequences instead of 256.
+    "lora-lm-r32-fit-1024": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
+                             "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
+                             "--micro-batch-size", "1", "--val-set-size", "16"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],
