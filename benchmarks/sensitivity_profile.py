@@ -19,6 +19,7 @@ import sys
 import torch
 
 from llm_bip import api
+from llm_bip.compensation import solve_refit
 from llm_bip.data import calibration_samples, load_text
 
 
@@ -52,8 +53,8 @@ def trial(weight: torch.Tensor, gram: torch.Tensor, fraction: float) -> tuple[to
     w, g = weight.double(), gram.double()
     order = torch.argsort(w.norm(dim=0) ** 2 * torch.diagonal(g))
     removed, keep = order[: round(fraction * w.shape[1])], torch.sort(order[round(fraction * w.shape[1]) :]).values
-    g_kk, g_ks = g[keep][:, keep], g[keep][:, removed]
-    kept = w[:, keep] + torch.linalg.solve(g_kk + torch.diag(0.01 * torch.diagonal(g_kk)), g_ks @ w[:, removed].T).T
+    # The prune's own ridge refit of the kept columns towards the full output W x (E[t x_k^T] = W G[:, keep]).
+    kept = solve_refit(w @ g[:, keep], g[keep][:, keep], w[:, keep], None, None)[0].double()
     plain_error = torch.einsum("ij,jk,ik->", w[:, removed], g[removed][:, removed], w[:, removed]).item()
     change = -w.clone()
     change[:, keep] += kept
