@@ -5,7 +5,7 @@ the dense model, after the default prune of SmolLM2.
         --out benchmarks/results/distill_smollm2.json
 
 Every run trains the same pruned model on the same text (the Wikipedia articles of the default
-calibration source, 256-token examples, one epoch at most) for at most `--minutes` of wall time, through
+calibration source, 256-token examples, one epoch at most unless `--epochs` says more) for at most `--minutes` of wall time, through
 `llm-bip recover` itself, in its own process; then WikiText-2 (@128, 150 windows; @2048, 40), Lee and
 20 Newsgroups (@128, 150 windows; @2048, 10) are measured as bench_quality.py measures them. Runs:
 
@@ -58,7 +58,7 @@ from llm_bip.loading import default_model_gguf  # noqa: E402
 from llm_bip.saving import read_record  # noqa: E402
 
 COMMON = ["--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "256", "--val-set-size", "64",
-          "--warmup-steps", "10", "--epochs", "1", "--save-steps", "1000", "--quiet"]
+          "--warmup-steps", "10", "--save-steps", "1000", "--quiet"]
 RUNS = {
     "lora-lm": ["--lr", "2e-4"],
     "lora-lm-1e-3": ["--lr", "1e-3"],
@@ -94,6 +94,9 @@ def main() -> None:
                              "defaults here)")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="what training and evaluation compute in (recover's --dtype)")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="passes over the text at most; with a fitted schedule (the -fit runs) a run whose epoch "
+                             "ends before its time limit goes on into the next one")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="llm-bip-distill-"))
@@ -103,7 +106,9 @@ def main() -> None:
     if result.get("prune_options", []) != prune_options and (result["runs"] or "pruned" in result):
         raise SystemExit(f"{out} holds runs from a prune with options {result.get('prune_options', [])}: give "
                          "another --out")
-    result.update(ratio=args.ratio, minutes=args.minutes, prune_options=prune_options,
+    if result["runs"] and result.get("epochs", 1) != args.epochs:
+        raise SystemExit(f"{out} holds runs of {result.get('epochs', 1)} epoch(s) at most: give another --out")
+    result.update(ratio=args.ratio, minutes=args.minutes, epochs=args.epochs, prune_options=prune_options,
                   windows={str(k): v for k, v in WINDOWS.items()},
                   torch_threads=torch.get_num_threads(), compute_dtype=args.compute_dtype,
                   command="python benchmarks/bench_distill.py " + shlex.join(sys.argv[1:]))
@@ -136,7 +141,7 @@ def main() -> None:
         options = [a.format(teacher=teacher, steps=(done or 0) - 5) for a in RUNS[name]]
         started = time.perf_counter()
         llm_bip("recover", "--model", str(pruned), "--data", str(text), "--output", str(trained), "--overwrite",
-                "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, *COMMON, *options)
+                "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, "--epochs", str(args.epochs), *COMMON, *options)
         seconds = time.perf_counter() - started
         recovery = (read_record(trained) or {}).get("recovery", {})
         lm = api.load(str(trained))
