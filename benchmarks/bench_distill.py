@@ -5,9 +5,10 @@ the dense model, after the default prune of SmolLM2.
         --out benchmarks/results/distill_smollm2.json
 
 Every run trains the same pruned model on the same text (the Wikipedia articles of the default
-calibration source, 256-token examples, one epoch at most unless `--epochs` says more) for at most `--minutes` of wall time, through
-`llm-bip recover` itself, in its own process; then WikiText-2 (@128, 150 windows; @2048, 40), Lee and
-20 Newsgroups (@128, 150 windows; @2048, 10) are measured as bench_quality.py measures them. Runs:
+calibration source, 256-token examples, one epoch at most unless `--epochs` says more) for at most
+`--minutes` of wall time, through `llm-bip recover` itself, in its own process; then WikiText-2 (@128,
+150 windows; @2048, 40), Lee and 20 Newsgroups (@128, 150 windows; @2048, 10) are measured as
+bench_quality.py measures them. Runs:
 
     lora-lm   LoRA (r 8, lr 2e-4) on the language-model loss: the recipe of docs/results.md §5
     lora-lm-1e-3  the same LoRA at lr 1e-3 (a short run's usual LoRA rate; 2e-4 is LLM-Pruner's for 2 epochs)
@@ -141,7 +142,8 @@ def main() -> None:
         options = [a.format(teacher=teacher, steps=(done or 0) - 5) for a in RUNS[name]]
         started = time.perf_counter()
         llm_bip("recover", "--model", str(pruned), "--data", str(text), "--output", str(trained), "--overwrite",
-                "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, "--epochs", str(args.epochs), *COMMON, *options)
+                "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, "--epochs", str(args.epochs),
+                *COMMON, *options)
         seconds = time.perf_counter() - started
         recovery = (read_record(trained) or {}).get("recovery", {})
         lm = api.load(str(trained))
