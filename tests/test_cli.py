@@ -88,3 +88,33 @@ def test_recover_then_saved_model_loads(tiny_dir, texts, tmp_path, capsys):
     assert record["recovery"]["time_fit"] == [] and record["recovery"]["stopped"] == "max_steps"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_recover_recipe_sets_the_settings_and_flags_change_them(tiny_dir, texts, tmp_path):
+    out = tmp_path / "recovered"
+    args = ["recover", "--model", str(tiny_dir), "--data", str(texts / "calib.txt"), "--output", str(out),
+            "--recipe", "time-budget", "--max-steps", "2", "--max-time", "3600", "--cutoff-len", "32",
+            "--val-set-size", "4", "--lora-r", "4", "--quiet"]
+    assert main(args) == 0
+    record = json.loads((out / "pruning_record.json").read_text())
+    config = record["recovery"]["config"]
+    # The recipe's values where no flag was given ...
+    assert (config["lora_alpha"], config["lora_dropout"], config["learning_rate"], config["num_epochs"]) == (64, 0.0,
+                                                                                                          1e-3, 1)
+    assert (config["batch_size"], config["micro_batch_size"], config["schedule_to_time"]) == (2, 1, True)
+    # ... and the flags' where they were.
+    assert (config["lora_r"], config["cutoff_len"], config["max_time_s"], config["val_set_size"]) == (4, 32, 3600.0, 4)
+    assert record["recovery_recipe"] == "time-budget"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--recipe", "no-such"], "--recipe no-such: unknown; known: llm-pruner, time-budget"),
+    (["--recipe", "time-budget", "--full-finetune"], "cannot apply with --full-finetune"),
+    (["--recipe", "time-budget", "--lora-config", "c.json"], "--recipe and --lora-config both give"),
+])
+def test_recover_recipe_that_cannot_apply_is_refused_before_loading(extra, message, tmp_path, capsys):
+    args = ["recover", "--model", str(tmp_path / "not-loaded"), "--data", "x.txt", "--output", str(tmp_path / "o"),
+            "--quiet", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -249,6 +249,11 @@ def test_config_round_trips_through_json_and_validates(tmp_path):
         LoraRecoveryConfig(batch_size=64, micro_batch_size=5)
     with pytest.raises(LlmBipError, match="unknown field"):
         LoraRecoveryConfig.from_dict({"rank": 8})
+    assert LoraRecoveryConfig.recipe("llm-pruner") == LoraRecoveryConfig()
+    budget = LoraRecoveryConfig.recipe("time-budget")
+    assert (budget.cutoff_len * budget.batch_size, budget.schedule_to_time, budget.max_time_s) == (2048, True, 1800.0)
+    with pytest.raises(LlmBipError, match="unknown recovery recipe"):
+        LoraRecoveryConfig.recipe("fast")
 
 
 def test_ctrl_c_saves_the_last_step_and_resume_matches(tokenizer, tmp_path, monkeypatch):

@@ -505,7 +505,7 @@ def cmd_eval(args) -> None:
 def _recover_flags(args) -> tuple[str, DistillConfig | None]:
     """The trainer and the DistillConfig (or None) the recover flags ask for; flags that cannot apply are errors."""
     from llm_bip.recovery import DistillConfig
-    from llm_bip.recovery.config import LORA_ONLY_FIELDS
+    from llm_bip.recovery.config import LORA_ONLY_FIELDS, RECIPES
 
     distill_flags = {"--distill-alpha": args.distill_alpha, "--distill-temperature": args.distill_temperature,
                      "--teacher-cache": args.teacher_cache, "--teacher-top-k": args.teacher_top_k}
@@ -518,6 +518,13 @@ def _recover_flags(args) -> tuple[str, DistillConfig | None]:
                           "whole distribution")
     # The flags of the config's LoRA-only fields (those that have one), so a new LoRA flag is refused here too.
     lora_only = [f"--{field.replace('_', '-')}" for field in LORA_ONLY_FIELDS if getattr(args, field, None) is not None]
+    if args.recipe is not None and args.recipe not in RECIPES:
+        raise LlmBipError(f"--recipe {args.recipe}: unknown; known: {', '.join(RECIPES)}")
+    if args.recipe is not None and args.lora_config is not None:
+        raise LlmBipError("--recipe and --lora-config both give the run's settings: give one (flags change either)")
+    if args.full_finetune and args.recipe not in (None, "llm-pruner"):
+        raise LlmBipError(f"--recipe {args.recipe} cannot apply with --full-finetune: it is a LoRA recipe (give "
+                          "full fine-tuning its settings with flags)")
     if args.full_finetune and lora_only:
         raise LlmBipError(f"{', '.join(lora_only)} cannot apply with --full-finetune: it configures LoRA adapters, "
                           "and full fine-tuning trains every weight")
@@ -533,7 +540,10 @@ def cmd_recover(args) -> None:
     from llm_bip.recovery import LoraRecoveryConfig
 
     trainer, distill = _recover_flags(args)
-    config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig()
+    if args.lora_config:
+        config = LoraRecoveryConfig.load(args.lora_config)
+    else:
+        config = LoraRecoveryConfig.recipe(args.recipe or "llm-pruner")
     changes = {k: v for k, v in {
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len, "lora_r": args.lora_r,
@@ -576,6 +586,8 @@ def cmd_recover(args) -> None:
     full["recovery"] = report
     full["recovery_perplexity"] = {"before": before, "after": after}
     full["recovery_command"] = args.command_line
+    # Where the settings started from (flags changed them; `recovery.config` holds the values used).
+    full["recovery_recipe"] = f"lora-config {args.lora_config}" if args.lora_config else args.recipe or "llm-pruner"
     api.save(lm, out, record=full, overwrite=args.overwrite, inputs=inputs)
     if report_path:
         write_text_atomic(report_path, json.dumps(full, indent=1, default=str))
@@ -692,6 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=_positive)
     p.add_argument("--seed", type=int)
     p.add_argument("--lora-config", help="a LoraRecoveryConfig JSON file")
+    p.add_argument("--recipe",
+                   help="named settings that flags change further; default llm-pruner (LoRA r 8, lr 1e-4, 2 epochs, "
+                        "batch 64 of 256 tokens). time-budget: what measured best for 30 minutes on plain text on a "
+                        "CPU (r 32, no dropout, lr 1e-3, 1 epoch, batch 2 of 1,024 tokens, --max-time 1800 with "
+                        "--schedule-to-time; docs/results.md §11)")
     p.add_argument("--full-finetune", action="store_true",
                    help="train every weight (AdamW; float32 master weights where the weights are bf16/fp16) instead "
                         "of LoRA adapters; LoRA options cannot apply")

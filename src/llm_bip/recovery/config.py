@@ -19,6 +19,28 @@ TRAINERS = ("lora", "full")
 # LoraRecoveryConfig fields that only mean something to the LoRA trainer.
 LORA_ONLY_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
+# Named starting points for a LoRA run (`recover --recipe`, `LoraRecoveryConfig.recipe`); flags change them further.
+# time-budget: what measured best for 30 minutes of LoRA on plain text on a 2-core CPU, each choice against the one
+# before it (docs/results.md §11): rank 32 without the adapters' dropout (a third of a CPU step), lr 1e-3, one
+# epoch, the schedule fitted to the time limit, and 1,024-token sequences at the tokens per step of 8 x 256.
+RECIPES: dict[str, dict[str, Any]] = {
+    "llm-pruner": {},
+    "time-budget": {
+        "lora_r": 32,
+        "lora_alpha": 64,
+        "lora_dropout": 0.0,
+        "learning_rate": 1e-3,
+        "num_epochs": 1,
+        "batch_size": 2,
+        "micro_batch_size": 1,
+        "cutoff_len": 1024,
+        "warmup_steps": 10,
+        "val_set_size": 16,
+        "max_time_s": 1800.0,
+        "schedule_to_time": True,
+    },
+}
+
 
 @dataclass
 class LoraRecoveryConfig:
@@ -124,6 +146,13 @@ class LoraRecoveryConfig:
                 f"LoRA recovery config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**values)
+
+    @classmethod
+    def recipe(cls, name: str) -> LoraRecoveryConfig:
+        """The settings of a named recipe (`RECIPES`); "llm-pruner" is the defaults."""
+        if name not in RECIPES:
+            raise LlmBipError(f"unknown recovery recipe {name!r}; known: {', '.join(RECIPES)}")
+        return cls(**RECIPES[name])
 
     @classmethod
     def load(cls, path: str | Path) -> LoraRecoveryConfig:
