@@ -540,10 +540,9 @@ def cmd_recover(args) -> None:
     from llm_bip.recovery import LoraRecoveryConfig
 
     trainer, distill = _recover_flags(args)
-    if args.lora_config:
-        config = LoraRecoveryConfig.load(args.lora_config)
-    else:
-        config = LoraRecoveryConfig.recipe(args.recipe or "llm-pruner")
+    # Where the settings start from, before the flags change them: a config file or a named recipe.
+    start = f"lora-config {args.lora_config}" if args.lora_config else args.recipe or "llm-pruner"
+    config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig.recipe(start)
     changes = {k: v for k, v in {
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len, "lora_r": args.lora_r,
@@ -586,8 +585,7 @@ def cmd_recover(args) -> None:
     full["recovery"] = report
     full["recovery_perplexity"] = {"before": before, "after": after}
     full["recovery_command"] = args.command_line
-    # Where the settings started from (flags changed them; `recovery.config` holds the values used).
-    full["recovery_recipe"] = f"lora-config {args.lora_config}" if args.lora_config else args.recipe or "llm-pruner"
+    full["recovery_recipe"] = start  # `recovery.config` holds the values used
     api.save(lm, out, record=full, overwrite=args.overwrite, inputs=inputs)
     if report_path:
         write_text_atomic(report_path, json.dumps(full, indent=1, default=str))
