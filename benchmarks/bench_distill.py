@@ -62,22 +62,20 @@ from llm_bip.saving import read_record  # noqa: E402
 
 COMMON = ["--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "256", "--val-set-size", "64",
           "--warmup-steps", "10", "--save-steps", "1000", "--quiet"]
+# lora-lm-nodrop at rank 32, the base of every r32 run.
+R32 = ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64"]
 RUNS = {
     "lora-lm": ["--lr", "2e-4"],
     "lora-lm-1e-3": ["--lr", "1e-3"],
     "lora-lm-nodrop": ["--lr", "1e-3", "--lora-dropout", "0"],
-    "lora-lm-r32": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64"],
-    "lora-lm-r32-anneal": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
-                           "--max-steps", "{steps}"],
-    "lora-lm-r32-fit": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
-                        "--schedule-to-time"],
+    "lora-lm-r32": R32,
+    "lora-lm-r32-anneal": [*R32, "--max-steps", "{steps}"],
+    "lora-lm-r32-fit": [*R32, "--schedule-to-time"],
     # The same tokens per step and per held-out set, in 1,024-token sequences instead of 256.
-    "lora-lm-r32-fit-1024": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
-                             "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
+    "lora-lm-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
                              "--micro-batch-size", "1", "--val-set-size", "16"],
     # Whole 2,048-token sequences, one a step (the same tokens per step again; held-out set 8).
-    "lora-lm-r32-fit-2048": ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64",
-                             "--schedule-to-time", "--cutoff-len", "2048", "--batch-size", "1",
+    "lora-lm-r32-fit-2048": [*R32, "--schedule-to-time", "--cutoff-len", "2048", "--batch-size", "1",
                              "--micro-batch-size", "1", "--val-set-size", "8"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
