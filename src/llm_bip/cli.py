@@ -541,8 +541,11 @@ def cmd_recover(args) -> None:
 
     trainer, distill = _recover_flags(args)
     # Where the settings start from, before the flags change them: a config file or a named recipe.
-    start = f"lora-config {args.lora_config}" if args.lora_config else args.recipe or "llm-pruner"
-    config = LoraRecoveryConfig.load(args.lora_config) if args.lora_config else LoraRecoveryConfig.recipe(start)
+    if args.lora_config:
+        start, config = f"lora-config {args.lora_config}", LoraRecoveryConfig.load(args.lora_config)
+    else:
+        start = args.recipe or "llm-pruner"
+        config = LoraRecoveryConfig.recipe(start)
     changes = {k: v for k, v in {
         "learning_rate": args.lr, "num_epochs": args.epochs, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len, "lora_r": args.lora_r,
