@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speed.py --model tinyllama --out benchmarks/results/speed_tinyllama.json
     python benchmarks/bench_speed.py --model smollm2 --ratios 0.2 0.3 0.5 --out benchmarks/results/speed_smollm2.json
+    python benchmarks/bench_speed.py --model tinyllama --ratios --target-speedup 1.2 --rounds 3 --out ...
 
 Speed does not depend on the weights' values, so every model here is the family's stock class with
 random weights at the pruned shape: dense; `width` (the default allocation's uniform widths at the
@@ -12,6 +13,10 @@ greedy decoding tokens/s at batch 1 (32 new tokens after a 128-token prompt, KV 
 `--repeats`, in bf16; weights and KV-cache size; peak RSS (CPU) or peak allocated memory (CUDA). Dense
 runs first and last, so drift over the run shows. With `--predict`, the speed planner's timing table
 (llm_bip.speed.timing, the same one `prune --target-speedup` uses) predicts each shape's speed-up too.
+With `--target-speedup`, the shapes that `prune --target-speedup` would plan by each route (width, depth,
+mixed) for each of `--target-modes` (batch 1, 128 tokens), from tables timed now, are timed as well: whether
+the planner's promise holds on the device, without pruning a 1B model (the planner decides the shape; which
+blocks and channels go does not change the time).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from llm_bip.adapters import adapter_for
 from llm_bip.config import PruneConfig
 from llm_bip.devices import resolve_device
-from llm_bip.params import block_costs
+from llm_bip.params import block_costs, count_parameters
 from llm_bip.pipeline import depth_parameters, plan_widths
 from llm_bip.speed.timing import synchronize
 from llm_bip.widths import BlockWidths
@@ -72,6 +77,40 @@ def shapes_for(name: str, ratios: list[float]) -> list[dict]:
             plans.append({"plan": f"{route} {ratio:.0%}", "route": route, "ratio": ratio, "blocks": num_blocks - blocks,
                           "widths": widths.to_json(), "removed_non_embedding": 1 - kept / non_embedding})
     plans.append(dict(plans[0], plan="dense (again)"))
+    return plans
+
+
+def targeted(name: str, speedup: float, modes: list[str], device: torch.device) -> list[dict]:
+    """Per target mode and route: the shape the speed planner plans for `speedup` on this device (a timing
+    table timed now), with its predicted speed-up."""
+    from llm_bip.speed.planner import PLANNED_ROUTES, SpeedTarget, plan_speed
+    from llm_bip.speed.timing import timing_table
+
+    config = base_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(model)
+    costs = [block_costs(adapter, b) for b in adapter.blocks(model)]
+    counts = count_parameters(model, adapter)
+    non_embedding, num_blocks = counts["non_embedding"], len(costs)  # the planner's ratio base
+    blocks_total = sum(c.total(c.widths) for c in costs)  # what shapes_for reports removal against
+    plans = []
+    for mode in modes:
+        table = timing_table(config, "llama", costs[0].widths, config.head_dim, torch.bfloat16, device, mode, 1,
+                             PROMPT, path=Path(tempfile.mkdtemp()) / "table.json")
+        for route in PLANNED_ROUTES:
+            planned = plan_speed(costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route))
+            removed = list(range(num_blocks - planned.remove_blocks, num_blocks))  # as the planner predicts them
+            widths = costs[0].widths
+            if planned.ratio is not None:
+                rest = round(planned.ratio * non_embedding) - depth_parameters(costs, removed)
+                widths = plan_widths(costs, rest, PruneConfig(ratio=planned.ratio), None, removed)[0]
+            kept = sum(costs[0].total(widths) for _ in range(num_blocks - len(removed)))
+            plans.append({"plan": f"{route} for {speedup:g}x {mode}", "route": route, "target": speedup,
+                          "target_mode": mode, "ratio": planned.ratio, "blocks": num_blocks - len(removed),
+                          "widths": widths.to_json(), "removed_non_embedding": 1 - kept / blocks_total,
+                          "planned_speedup": planned.predicted_speedup,
+                          "timing_seconds": table.details.get("seconds")})
     return plans
 
 
@@ -211,6 +250,9 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.5])
     parser.add_argument("--pruned", nargs="+", default=[], metavar="DIR",
                         help="also time the shapes of these saved prunes of the model (e.g. a --target-speedup prune)")
+    parser.add_argument("--target-speedup", type=float,
+                        help="also time the shapes the speed planner plans for this speed-up by each route")
+    parser.add_argument("--target-modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--predict", action="store_true", help="also predict each speed-up from the timing table")
@@ -226,6 +268,8 @@ def main() -> None:
         return
     plans = shapes_for(args.model, args.ratios)
     plans[-1:-1] = [saved_plan(args.model, folder) for folder in args.pruned]  # before "dense (again)"
+    if args.target_speedup:
+        plans[-1:-1] = targeted(args.model, args.target_speedup, args.target_modes, device)
     started = time.perf_counter()
     result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": "bfloat16",
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
