@@ -57,13 +57,17 @@ def base_config(name: str) -> LlamaConfig:
     return LlamaConfig(**SHAPES[name], max_position_embeddings=2048, rope_theta=10000.0)
 
 
+def meta_model(name: str) -> tuple[dict, list]:
+    """The shape's parameter counts and per-block costs, from a model without weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config(name))
+    adapter = adapter_for(model)
+    return count_parameters(model, adapter), [block_costs(adapter, b) for b in adapter.blocks(model)]
+
+
 def shapes_for(name: str, ratios: list[float]) -> list[dict]:
     """Per plan: its name, blocks kept and the (uniform) widths of the kept blocks."""
-    config = base_config(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    adapter = adapter_for(model)
-    costs = [block_costs(adapter, b) for b in adapter.blocks(model)]
+    _, costs = meta_model(name)
     non_embedding = sum(c.total(c.widths) for c in costs)
     num_blocks = len(costs)
     plans = [{"plan": "dense", "ratio": 0.0, "blocks": num_blocks, "widths": costs[0].widths.to_json()}]
@@ -87,11 +91,7 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device) 
     from llm_bip.speed.timing import timing_table
 
     config = base_config(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    adapter = adapter_for(model)
-    costs = [block_costs(adapter, b) for b in adapter.blocks(model)]
-    counts = count_parameters(model, adapter)
+    counts, costs = meta_model(name)
     non_embedding, num_blocks = counts["non_embedding"], len(costs)  # the planner's ratio base
     blocks_total = sum(c.total(c.widths) for c in costs)  # what shapes_for reports removal against
     plans = []
