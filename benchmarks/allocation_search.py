@@ -30,10 +30,9 @@ from llm_bip import api, pipeline
 from llm_bip.config import PruneConfig
 from llm_bip.data import load_text, tokenize
 from llm_bip.params import count_parameters
-from llm_bip.pipeline import catch_inputs, costs_of, geometry
+from llm_bip.pipeline import catch_inputs, costs_of
 from llm_bip.scoring import make_scorer
 from llm_bip.sensitivity import _kl, _log_probs, _run
-from llm_bip.stats import collect_block_stats
 from llm_bip.widths import BlockWidths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,15 +69,11 @@ def main() -> None:
     channels = costs[0].widths.channels
     fit = samples[TRIAL_SAMPLES : TRIAL_SAMPLES + args.fit_samples]
     quick = samples[TRIAL_SAMPLES + args.fit_samples : TRIAL_SAMPLES + args.fit_samples + 8]
-    order = []  # per block, its channels from the lowest LLM-BIP score up
     with torch.no_grad():
-        inputs = catch_inputs(dense, fit, 8)
-        scorer = make_scorer("llm-bip", lipschitz="none")
-        for i, block in enumerate(blocks):
-            parts, shape = adapter.parts(block), geometry(dense, i)
-            stats, after = collect_block_stats(block, parts, inputs, scorer.stats_request(), i, shape.group_width)
-            order.append(torch.argsort(scorer.score_block(parts, stats, shape).channels))
-            inputs = after
+        # Per block, its channels from the lowest LLM-BIP score up, on the dense model's activations (the
+        # Lipschitz factor is one number per block: it orders nothing within one).
+        table = pipeline.score(dense, make_scorer("llm-bip", lipschitz="none"), fit, 8, progress=False)
+        order = [torch.argsort(block_scores.channels) for block_scores in table.scores]
         fit_inputs, quick_inputs = catch_inputs(dense, fit, 8), catch_inputs(dense, quick, 8)
         dense_fit = _log_probs(dense, _run(blocks, fit_inputs, layers).hidden)
         dense_quick = _log_probs(dense, _run(blocks, quick_inputs, layers).hidden)
@@ -96,7 +91,8 @@ def main() -> None:
             for i, block in enumerate(blocks):
                 adapter.parts(block).down_proj.weight.copy_(saved[i])
 
-    parent = [channels - w.channels for w in start_widths]
+    start = [channels - w.channels for w in start_widths]  # channels each block loses
+    parent = start
     cap = int(CAP * channels)
     searching = time.perf_counter()
     parent_fitness = fitness(parent, fit_inputs, dense_fit)
@@ -130,7 +126,7 @@ def main() -> None:
     perplexity = evaluate(model, texts, [128, 2048], windows)
     print(perplexity, flush=True)
     result = {"ratio": args.ratio, "generations": args.generations, "fit_samples": args.fit_samples, "step": args.step,
-              "start_channels_removed": [channels - w.channels for w in start_widths], "searched_channels_removed": parent,
+              "start_channels_removed": start, "searched_channels_removed": parent,
               "kl_history": history, "search_seconds": search_seconds, "perplexity": perplexity,
               "command": "python benchmarks/allocation_search.py " + " ".join(sys.argv[1:])}
     with open(args.out, "w") as f:
