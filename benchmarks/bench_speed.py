@@ -65,6 +65,18 @@ def meta_model(name: str) -> tuple[dict, list]:
     return count_parameters(model, adapter), [block_costs(adapter, b) for b in adapter.blocks(model)]
 
 
+def shape_after(costs: list, ratio: float | None, blocks: int, base: int) -> tuple[BlockWidths, float]:
+    """The kept blocks' (uniform) widths once the last `blocks` blocks are gone and widths take the rest of
+    `ratio` of `base` parameters (None: widths as they are), and the share of the blocks' parameters removed."""
+    num_blocks = len(costs)
+    removed = list(range(num_blocks - blocks, num_blocks))
+    widths = costs[0].widths
+    if ratio is not None:
+        rest = round(ratio * base) - depth_parameters(costs, removed)
+        widths = plan_widths(costs, max(rest, 0), PruneConfig(ratio=ratio), None, removed)[0]
+    return widths, 1 - costs[0].total(widths) * (num_blocks - blocks) / sum(c.total(c.widths) for c in costs)
+
+
 def shapes_for(name: str, ratios: list[float]) -> list[dict]:
     """Per plan: its name, blocks kept and the (uniform) widths of the kept blocks."""
     _, costs = meta_model(name)
@@ -74,12 +86,9 @@ def shapes_for(name: str, ratios: list[float]) -> list[dict]:
     for ratio in ratios:
         for route, share in (("width", 0.0), ("depth", 1.0), ("mixed", 0.5)):
             blocks = round(share * ratio * non_embedding / depth_parameters(costs, [0]))
-            removed = list(range(num_blocks - blocks, num_blocks))
-            rest = round(ratio * non_embedding) - depth_parameters(costs, removed)
-            widths = plan_widths(costs, max(rest, 0), PruneConfig(ratio=ratio), None, removed)[0]
-            kept = sum(costs[0].total(widths) for _ in range(num_blocks - blocks))
+            widths, removed_share = shape_after(costs, ratio, blocks, non_embedding)
             plans.append({"plan": f"{route} {ratio:.0%}", "route": route, "ratio": ratio, "blocks": num_blocks - blocks,
-                          "widths": widths.to_json(), "removed_non_embedding": 1 - kept / non_embedding})
+                          "widths": widths.to_json(), "removed_non_embedding": removed_share})
     plans.append(dict(plans[0], plan="dense (again)"))
     return plans
 
@@ -92,23 +101,17 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device) 
 
     config = base_config(name)
     counts, costs = meta_model(name)
-    non_embedding, num_blocks = counts["non_embedding"], len(costs)  # the planner's ratio base
-    blocks_total = sum(c.total(c.widths) for c in costs)  # what shapes_for reports removal against
     plans = []
     for mode in modes:
         table = timing_table(config, "llama", costs[0].widths, config.head_dim, torch.bfloat16, device, mode, 1,
                              PROMPT, path=Path(tempfile.mkdtemp()) / "table.json")
         for route in PLANNED_ROUTES:
             planned = plan_speed(costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route))
-            removed = list(range(num_blocks - planned.remove_blocks, num_blocks))  # as the planner predicts them
-            widths = costs[0].widths
-            if planned.ratio is not None:
-                rest = round(planned.ratio * non_embedding) - depth_parameters(costs, removed)
-                widths = plan_widths(costs, rest, PruneConfig(ratio=planned.ratio), None, removed)[0]
-            kept = sum(costs[0].total(widths) for _ in range(num_blocks - len(removed)))
+            # The ratio counts against the planner's base (the model's non-embedding parameters).
+            widths, removed_share = shape_after(costs, planned.ratio, planned.remove_blocks, counts["non_embedding"])
             plans.append({"plan": f"{route} for {speedup:g}x {mode}", "route": route, "target": speedup,
-                          "target_mode": mode, "ratio": planned.ratio, "blocks": num_blocks - len(removed),
-                          "widths": widths.to_json(), "removed_non_embedding": 1 - kept / blocks_total,
+                          "target_mode": mode, "ratio": planned.ratio, "blocks": len(costs) - planned.remove_blocks,
+                          "widths": widths.to_json(), "removed_non_embedding": removed_share,
                           "planned_speedup": planned.predicted_speedup,
                           "timing_seconds": table.details.get("seconds")})
     return plans
