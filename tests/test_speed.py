@@ -125,6 +125,38 @@ def test_measured_table_is_cached_and_checked(tmp_path, monkeypatch):
         assert again is table and json.loads(files[0].read_text())["format"] == timing.TIMING_FORMAT
 
 
+def test_timing_cancels_a_host_that_drifts_between_shapes(monkeypatch):
+    """Each shape's window is timed at its own pace (the host 1.0-1.9x slower from one shape to the next); the
+    reference timed beside it in the same rounds puts every shape at the same pace, so the table's ratios are the
+    true ones (timed one after the other, they would be off by up to 1.9x)."""
+    config = TINY_CONFIGS["llama"]()
+    widths = BlockWidths(6, 2, 96)
+    fixed_cost = 3.0
+
+    def cost(shape_config) -> float:  # ms per block at this shape, at pace 1
+        return 0.5 + 0.01 * shape_config.intermediate_size + 0.2 * shape_config.num_attention_heads
+
+    seen: list[tuple[int, int]] = []
+
+    def fake_pass(model, mode, batch, seq_len, repeats, device, warm_up=True):
+        shape = (model.config.num_attention_heads, model.config.intermediate_size)
+        if shape != (widths.num_heads, widths.channels) and shape not in seen:
+            seen.append(shape)  # a new window starts, at a new pace
+        pace = 1.0 + 0.1 * (len(seen) % 10)
+        return pace * (fixed_cost + model.config.num_hidden_layers * cost(model.config))
+
+    monkeypatch.setattr(timing, "time_pass", fake_pass)
+    table = timing.measure(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "prefill", 1, 16,
+                           repeats=2, progress=False)
+    full = dict(table.points)[widths]
+    truth = {w: 0.5 + 0.01 * w.channels + 0.2 * w.num_heads for w, _ in table.points}
+    assert len(seen) == len(timing.grid(widths)) - 1
+    for shape, ms in table.points:
+        assert ms / full == pytest.approx(truth[shape] / truth[widths])
+    assert table.fixed_ms / full == pytest.approx(fixed_cost / truth[widths])
+    assert len(set(table.details["window_pace"])) > 5
+
+
 def test_timing_keeps_the_fastest_pass():
     ticks = iter([0.0, 0.005, 10.0, 10.003, 20.0, 20.004])  # passes of 5, 3, 4 ms
 

@@ -32,7 +32,8 @@ from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
 
-TIMING_FORMAT = "llm-bip-timing/2"  # /2: fastest of paired passes (/1: medians, timed one model after the other)
+TIMING_FORMAT = "llm-bip-timing/3"  # /3: each shape paired with the full-width reference (/2: fastest of paired
+# passes, shapes one after the other; /1: medians, timed one model after the other)
 MODES = ("prefill", "decode")
 CHANNEL_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 # Blocks in the two timed models: their difference is what blocks cost, the rest is fixed.
@@ -228,32 +229,73 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
 
 def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
             mode: str, batch: int, seq_len: int, repeats: int = REPEATS, progress: bool = True) -> TimingTable:
-    """Time the grid of block shapes around `widths` (the model's full widths) on `device`. The model with
-    more blocks and the one with fewer (the same model, its block list cut) are timed in turn, one pass
-    each, `repeats` times, so a slow phase of the host falls on both; each keeps its fastest pass."""
+    """Time the grid of block shapes around `widths` (the model's full widths) on `device`.
+
+    Each shape's model is timed with more blocks and with fewer (its block list cut), one pass each, in
+    `repeats` rounds; every round also times the full-width reference the same way, so each shape has a
+    window of its own in which the reference ran beside it. A shape keeps its fastest passes, and its block
+    and fixed times are divided by the reference's block time in the same window and multiplied by the
+    reference's median over all windows. A planner divides model times by each other, so what it needs is
+    that the shapes compare as if timed at once: on a host whose speed drifts by 10-20% over a minute
+    (docs/results.md §9), shapes timed one after the other do not."""
     from tqdm.auto import tqdm
 
     key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
-    points, fixed = [], []
     started = time.perf_counter()
-    for shape in tqdm(grid(widths), desc=f"timing {mode} shapes", disable=not progress):
+
+    def build(shape: BlockWidths, share_with=None):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(shaped_config(config, shape, head_dim, MORE_BLOCKS), dtype=dtype)
+        if share_with is not None:  # the embedding and output layer do not depend on the block shape: one copy
+            model.set_input_embeddings(share_with.get_input_embeddings())
+            model.set_output_embeddings(share_with.get_output_embeddings())
         model = model.to(device).eval()
-        layers = {MORE_BLOCKS: model.model.layers, FEW_BLOCKS: model.model.layers[:FEW_BLOCKS]}
-        times: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
-        for repeat in range(repeats):
-            for count in (MORE_BLOCKS, FEW_BLOCKS):
-                model.model.layers, model.config.num_hidden_layers = layers[count], count
-                times[count].append(time_pass(model, mode, batch, seq_len, 1, device, warm_up=repeat == 0))
+        return model, {MORE_BLOCKS: model.model.layers, FEW_BLOCKS: model.model.layers[:FEW_BLOCKS]}
+
+    def time_blocks(built, warm_up: bool) -> dict[int, float]:
+        model, layers = built
+        passes = {}
+        for count in (MORE_BLOCKS, FEW_BLOCKS):
+            model.model.layers, model.config.num_hidden_layers = layers[count], count
+            passes[count] = time_pass(model, mode, batch, seq_len, 1, device, warm_up=warm_up)
+        return passes
+
+    def split(times: dict[int, list[float]]) -> tuple[float, float]:
+        """(ms per block, fixed ms) from the fastest pass with each block count."""
         more, few = min(times[MORE_BLOCKS]), min(times[FEW_BLOCKS])
         block = max(0.0, (more - few) / (MORE_BLOCKS - FEW_BLOCKS))
-        points.append((shape, block))
-        fixed.append(few - FEW_BLOCKS * block)
-        del model
-    details = {"seconds": time.perf_counter() - started, "repeats": repeats, "fixed_ms_per_shape": fixed,
-               "method": f"fastest of {repeats} passes with {MORE_BLOCKS} blocks and with {FEW_BLOCKS}, timed in "
-                         "turn; block = difference / 2, fixed = the rest (median over shapes)"}
+        return block, few - FEW_BLOCKS * block
+
+    reference = build(widths)
+    time_blocks(reference, warm_up=True)  # its first window may come later; it starts warm there
+    windows = []  # per shape: (shape, its block and fixed ms, the reference's in the same rounds)
+    for shape in tqdm(grid(widths), desc=f"timing {mode} shapes", disable=not progress):
+        built = reference if shape == widths else build(shape, share_with=reference[0])
+        times: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
+        beside: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
+        for repeat in range(repeats):
+            for count, ms in time_blocks(built, warm_up=repeat == 0).items():
+                times[count].append(ms)
+            if built is not reference:
+                for count, ms in time_blocks(reference, warm_up=False).items():
+                    beside[count].append(ms)
+        own = split(times)
+        windows.append((shape, own, own if built is reference else split(beside)))
+        if built is not reference:
+            del built
+    reference_block = statistics.median(ref[0] for _, _, ref in windows)
+    points, fixed, speeds = [], [], []
+    for shape, (block, shape_fixed), (ref_block, ref_fixed) in windows:
+        speed = ref_block / reference_block if ref_block > 0 else 1.0  # this window's pace against the median
+        points.append((shape, block / speed))
+        fixed.extend((shape_fixed / speed, ref_fixed / speed))
+        speeds.append(round(speed, 4))
+    details = {"seconds": time.perf_counter() - started, "repeats": repeats, "fixed_ms_per_shape": fixed[::2],
+               "window_pace": speeds,
+               "method": f"per shape, {repeats} rounds of one pass with {MORE_BLOCKS} blocks and one with "
+                         f"{FEW_BLOCKS}, and the same for the full-width reference beside it; fastest passes; "
+                         "block = difference / 2, fixed = the rest; both divided by the window's pace (the "
+                         "reference's block time there over its median over all windows); fixed: median"}
     return TimingTable(key, max(0.0, statistics.median(fixed)), points, details)
 
 
