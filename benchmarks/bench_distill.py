@@ -24,6 +24,8 @@ bench_quality.py measures them. Runs:
               tokens per step and held out, but positions up to 1,024 trained, for the @2048 measures
     lora-lm-r32-fit-2048  the same on 2,048-token sequences (batch 1, held-out set 8): every position that
               the @2048 measures read is trained
+    lora-kd-mix-r32-fit-1024  lora-lm-r32-fit-1024 on half KL to the dense model (teacher on the fly),
+              half LM loss (--distill-alpha 0.5): distillation in the best LM recipe measured
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
@@ -77,6 +79,9 @@ RUNS = {
     # Whole 2,048-token sequences, one a step (the same tokens per step again; held-out set 8).
     "lora-lm-r32-fit-2048": [*R32, "--schedule-to-time", "--cutoff-len", "2048", "--batch-size", "1",
                              "--micro-batch-size", "1", "--val-set-size", "8"],
+    "lora-kd-mix-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
+                                 "--micro-batch-size", "1", "--val-set-size", "16", "--teacher", "{teacher}",
+                                 "--distill-alpha", "0.5"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],

@@ -51,6 +51,40 @@ def test_a_lower_exponent_spares_the_sensitive_blocks_more():
         PruneConfig(allocation="sensitivity", sensitivity_exponent=1.0).validate()
 
 
+def test_each_block_its_own_exponent():
+    # Block 0 at a = 3, the others at 2, all with the same KL at a 10-channel trial (c_i 10^a_i = 1): past the
+    # trial block 0's cost grows faster, so the optimum a_i c_i r_i^(a_i - 1) = λ p_i takes less from it.
+    costs = _costs()
+    curvature = Curvature([1 / 10**3, 1 / 10**2, 1 / 10**2, 1 / 10**2], exponent=[3.0, 2.0, 2.0, 2.0])
+    widths = allocate(costs, 3 * 120, AllocationConfig(strategy="sensitivity", head_ratio=0.0), None, curvature)
+    removed = [100 - w.channels for w in widths]
+    assert sum(removed) == 120
+    # with μ = λ p: r_0 = (μ / 0.003)^(1/2), r_j = μ / 0.02, r_0 + 3 r_j = 120: r_0 = 15.3, r_j = 34.9
+    assert removed == pytest.approx([15.3, 34.9, 34.9, 34.9], abs=1)
+    even = allocate(costs, 3 * 120, AllocationConfig(strategy="sensitivity", head_ratio=0.0), None,
+                    Curvature([1 / 10**2] * 4, exponent=[2.0] * 4))
+    assert [100 - w.channels for w in even] == [30] * 4  # one exponent in a list: the same as a number
+
+
+def test_two_trials_fit_each_blocks_exponent():
+    from llm_bip.sensitivity import FITTED_EXPONENTS, Sensitivity
+
+    # KL through (5, k_low) and (10, k): a = log2(k / k_low); inverted or flat pairs held at the lower bound
+    found = Sensitivity(kl=[0.8, 0.4, 0.1, 0.3, None], fraction=0.2, channels_cut=[10, 10, 10, 10, None], samples=4,
+                        positions=8, seconds=0.0, low_kl=[0.2, 0.2, 0.2, 0.001, None],
+                        low_channels_cut=[5, 5, 5, 5, None])
+    exponents = found.exponents()
+    assert exponents[0] == pytest.approx(2.0) and exponents[4] is None
+    assert exponents[1] == FITTED_EXPONENTS[0] and exponents[2] == FITTED_EXPONENTS[0]  # a = 1 and a < 0: held
+    assert exponents[3] == FITTED_EXPONENTS[1]  # a = log2(300): held at the upper bound
+    curvature = found.curvature("fit")
+    assert curvature.exponent == exponents and curvature.channels[0] == pytest.approx(0.8 / 10**2)
+    record = found.to_json()
+    assert record["fitted_exponents"][0] == 2.0 and record["low_trial_channels"][0] == 5
+    with pytest.raises(LlmBipError, match="needs a second trial"):
+        Sensitivity([0.1], 0.2, [10], 4, 8, 0.0).curvature("fit")
+
+
 def test_a_block_is_capped_and_the_others_take_the_rest():
     costs = _costs()
     widths = allocate(costs, 3 * 200, AllocationConfig(strategy="sensitivity", head_ratio=0.0, sensitivity_cap=0.6),
@@ -200,6 +234,36 @@ def test_every_family_measures_finite_sensitivities_and_keeps_its_weights(family
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
+def test_a_second_smaller_trial_cuts_the_lowest_scoring_part_of_the_first():
+    lm = tiny_model("llama")
+    samples = tiny_samples(8, 16)
+    one = measure_blocks(lm, samples, 0.5, measured=[0, 1], num_samples=4, progress=False)
+    two = measure_blocks(lm, samples, 0.5, measured=[0, 1], num_samples=4, progress=False, low_fraction=0.25)
+    assert two.kl == one.kl and one.low_kl is None  # the first trial is the same with or without the second
+    width = lm.adapter.parts(lm.adapter.blocks(lm.model)[0]).down_proj.in_features
+    assert two.channels_cut[:2] == [width // 2] * 2 and two.low_channels_cut[:2] == [width // 4] * 2
+    assert all(0 < low < k for low, k in zip(two.low_kl[:2], two.kl[:2], strict=True))
+    assert two.kl[2] is None and two.low_kl[2] is None  # block 2 not measured
+    with pytest.raises(ValueError, match="second trial fraction 0.5"):
+        measure_blocks(lm, samples, 0.5, measured=[0], num_samples=4, progress=False, low_fraction=0.5)
+
+
+def test_prune_with_fitted_exponents_records_them():
+    lm = tiny_model("llama")
+    samples = tiny_samples(8, 16)
+    config = PruneConfig(ratio=0.3, allocation="sensitivity", sensitivity_samples=4, sensitivity_exponent="fit")
+    result = api.prune(lm, config, samples, progress=False)
+    record = result.report["sensitivity"]
+    assert len(record["fitted_exponents"]) == len(record["kl"]) and all(1.5 <= a <= 3 for a in
+                                                                          record["fitted_exponents"])
+    assert record["low_trial_channels"] == [round(c / 2) for c in record["trial_channels"]]
+    assert result.report["config"]["sensitivity_exponent"] == "fit"
+    with pytest.raises(LlmBipError, match="cannot also refit"):
+        PruneConfig(allocation="sensitivity", sensitivity_exponent="fit", sensitivity_refit_samples=4).validate()
+    with pytest.raises(LlmBipError, match="or 'fit'"):
+        PruneConfig(allocation="sensitivity", sensitivity_exponent="fitted").validate()
+
+
 def test_a_block_whose_ffn_adds_nothing_measures_zero():
     lm = tiny_model("qwen2")
     down = lm.adapter.parts(lm.adapter.blocks(lm.model)[0]).down_proj
@@ -277,7 +341,14 @@ def test_cli_prunes_by_sensitivity_and_refuses_it_with_streaming(cli_model, tmp_
     record = read_record(out)
     assert record["sensitivity"]["samples"] == 2 and record["config"]["sensitivity_samples"] == 2
     assert len(record["sensitivity"]["head_kl"]) == 3 and record["config"]["head_ratio"] == "auto"
-    for flags, message in ((["--allocation", "sensitivity", "--streaming"], "use --allocation uniform with --streaming"),
+    fitted = tmp_path / "fitted"
+    assert _cli(cli_model, "prune", "--output", str(fitted), "--ratio", "0.3", "--allocation", "sensitivity",
+                "--sensitivity-samples", "2", "--sensitivity-exponent", "fit") == 0
+    assert read_record(fitted)["config"]["sensitivity_exponent"] == "fit"
+    assert len(read_record(fitted)["sensitivity"]["fitted_exponents"]) == 3
+    for flags, message in ((["--allocation", "sensitivity", "--sensitivity-exponent", "fitted"],
+                            "neither a number nor 'fit'"),
+                           (["--allocation", "sensitivity", "--streaming"], "use --allocation uniform with --streaming"),
                            (["--sensitivity-samples", "2"], "--sensitivity-samples cannot apply"),
                            (["--sensitivity-cap", "0.5"], "--sensitivity-cap cannot apply"),
                            (["--sensitivity-exponent", "1.5"], "--sensitivity-exponent cannot apply"),

@@ -52,7 +52,10 @@ class Curvature:
 
     channels: list[float | None]
     heads: list[float | None] | None = None  # None: heads follow the uniform rule
-    exponent: float = 2.0
+    exponent: float | list[float | None] = 2.0  # one for every block, or each block's own (fitted from two trials)
+
+    def exponent_of(self, i: int) -> float:
+        return self.exponent[i] if isinstance(self.exponent, list) else self.exponent
 
 
 @dataclass
@@ -171,11 +174,13 @@ def _by_sensitivity(costs, units, layers, target, config, curvature: Curvature) 
     A block's KL is taken as a power a of what it loses, c_i x^a, from one trial cut each (Curvature; a = 2,
     the second-order behaviour of a smooth loss near its optimum, unless measured otherwise). For a given
     number of channel parameters, the least total is reached by removing channels r_i ∝ (p_i / c_i)^(1/(a-1))
-    (p_i: parameters of one channel; for a = 2 simply p_i / c_i), capped at `sensitivity_cap` of the block's
-    channels (or the uniform plan's share, if more): the model is extrapolated from one trial, and on SmolLM2
-    at 50% letting the least sensitive blocks lose up to 90% cost more than uniform on WikiText-2 @2048, while
-    75% beat uniform on every text (docs/results.md §11). Head units are then taken one at a time, each where it lowers the predicted total
-    the most (its own cost against the channels it spares), while any does."""
+    (p_i: parameters of one channel; for a = 2 simply p_i / c_i); with a power a_i of each block's own (fitted
+    from two trials), r_i = (λ p_i / (a_i c_i))^(1/(a_i-1)) for the one λ that meets the target. Capped at
+    `sensitivity_cap` of the block's channels (or the uniform plan's share, if more): the model is extrapolated
+    from one trial, and on SmolLM2 at 50% letting the least sensitive blocks lose up to 90% cost more than
+    uniform on WikiText-2 @2048, while 75% beat uniform on every text (docs/results.md §11). Head units are then
+    taken one at a time, each where it lowers the predicted total the most (its own cost against the channels it
+    spares), while any does."""
     missing = [i for i in layers if curvature.channels[i] is None]
     if missing:
         raise LlmBipError(f"no measured sensitivity for layers {missing}")
@@ -184,9 +189,12 @@ def _by_sensitivity(costs, units, layers, target, config, curvature: Curvature) 
     channels = {i: curvature.channels[i] for i in layers}
     floor = max(max(channels.values()) * 1e-6, 1e-30)  # a block the cut leaves untouched
     weight = {i: costs[i].channel / max(channels[i], floor) for i in layers}
+    exponent = {i: curvature.exponent_of(i) for i in layers}
+    if isinstance(curvature.exponent, list):  # the optimum's condition a_i c_i r_i^(a_i - 1) ∝ p_i keeps each a_i
+        weight = {i: w / exponent[i] for i, w in weight.items()}
     most = max(weight.values())
     weight = {i: w / most for i, w in weight.items()}  # at most 1: the bisection's scale starts in range
-    power = 1 / (curvature.exponent - 1)
+    power = {i: 1 / (exponent[i] - 1) for i in layers}
     # A block may always lose what the uniform plan takes from it, so any target uniform meets is met.
     cap = {i: min(costs[i].widths.channels - 1,
                   max(math.floor(config.sensitivity_cap * costs[i].widths.channels), removed[i][1])) for i in layers}
@@ -194,7 +202,7 @@ def _by_sensitivity(costs, units, layers, target, config, curvature: Curvature) 
     def spread(channel_params: float) -> dict[int, float] | None:
         """Channels removed per block (fractional) for `channel_params` parameters; None if they do not fit."""
         def spent(scale: float) -> float:
-            return sum(costs[i].channel * min(cap[i], (scale * weight[i]) ** power) for i in layers)
+            return sum(costs[i].channel * min(cap[i], (scale * weight[i]) ** power[i]) for i in layers)
 
         if channel_params <= 0:
             return {i: 0.0 for i in layers} if channel_params == 0 else None
@@ -206,15 +214,15 @@ def _by_sensitivity(costs, units, layers, target, config, curvature: Curvature) 
         for _ in range(100):
             middle = (low + high) / 2
             low, high = (middle, high) if spent(middle) < channel_params else (low, middle)
-        return {i: min(cap[i], (high * weight[i]) ** power) for i in layers}
+        return {i: min(cap[i], (high * weight[i]) ** power[i]) for i in layers}
 
     def predicted(heads: dict[int, int]) -> tuple[float, dict[int, float] | None]:
         share = spread(target - sum(units[i].cost * heads[i] for i in layers))
         if share is None:
             return math.inf, None
-        a = curvature.exponent
-        head_cost = sum((curvature.heads[i] or 0.0) * heads[i] ** a for i in layers) if curvature.heads else 0.0
-        return sum(channels[i] * share[i] ** a for i in layers) + head_cost, share
+        head_cost = (sum((curvature.heads[i] or 0.0) * heads[i] ** exponent[i] for i in layers) if curvature.heads
+                     else 0.0)
+        return sum(channels[i] * share[i] ** exponent[i] for i in layers) + head_cost, share
 
     heads = {i: removed[i][0] for i in layers}
     best, share = predicted(heads)

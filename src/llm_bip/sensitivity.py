@@ -19,6 +19,7 @@ to end instead of assumed (block-local head scores under-rate heads, docs/result
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ from llm_bip.widths import BlockWidths
 
 SENSITIVITY_NEEDS_MEMORY = ("sensitivity allocation runs the rest of the model once per block, which streaming from "
                             "disk cannot afford: use --allocation uniform with --streaming")
+# Fitted per-block exponents are held within these: below 1.5 the allocation turns all-or-nothing (the cap decides,
+# docs/results.md §11), above 3 a pair of trials is more likely noise than a block whose cost grows that fast.
+FITTED_EXPONENTS = (1.5, 3.0)
 KL_STRIDE = 4  # every 4th position's next-token distribution is compared: the LM head costs a vocabulary per position
 
 
@@ -56,13 +60,35 @@ class Sensitivity:
     head_kl: list[float | None] | None = None  # with one head unit cut instead; None: heads not measured
     refit_samples: int = 0  # calibration samples the channel trials' down_proj refit was fit on (0: no refit)
     refit_kept: list[str | None] | None = None  # per block, what the trial's compensation did (refit or plain cut)
+    # A second, smaller trial per block (`exponent="fit"`): its KL and the channels it cut; None: not measured.
+    low_kl: list[float | None] | None = None
+    low_channels_cut: list[int | None] | None = None
 
-    def curvature(self, exponent: float = 2.0) -> Curvature:
+    def exponents(self) -> list[float | None]:
+        """Each measured block's power a from its two trials, KL = c x^a through both, within FITTED_EXPONENTS
+        (a trial pair that the draw of the samples inverts, or that grows faster than cubically, is held at the
+        bound)."""
+        if self.low_kl is None or self.low_channels_cut is None:
+            raise LlmBipError("fitting each block's exponent needs a second trial per block (exponent 'fit')")
+        low, high = FITTED_EXPONENTS
+        fitted: list[float | None] = []
+        for k, c, k_low, c_low in zip(self.kl, self.channels_cut, self.low_kl, self.low_channels_cut, strict=True):
+            if k is None or k_low is None or c is None or c_low is None or c <= c_low:
+                fitted.append(None if k is None else 2.0)
+            elif k <= 0 or k_low <= 0:
+                fitted.append(high if k_low <= 0 < k else low)
+            else:
+                fitted.append(min(high, max(low, math.log(k / k_low) / math.log(c / c_low))))
+        return fitted
+
+    def curvature(self, exponent: float | str = 2.0) -> Curvature:
         """The allocator's cost model: a block's KL taken as a power of what it loses, KL · (x / trial)^exponent
-        (one head unit is its trial)."""
+        (one head unit is its trial); exponent "fit": each block's own, from its two trials."""
+        powers = self.exponents() if exponent == "fit" else [exponent] * len(self.kl)
         return Curvature(
-            channels=[None if k is None else k / c**exponent for k, c in zip(self.kl, self.channels_cut, strict=True)],
-            heads=self.head_kl, exponent=exponent)
+            channels=[None if k is None else k / c**a for k, c, a in zip(self.kl, self.channels_cut, powers,
+                                                                          strict=True)],
+            heads=self.head_kl, exponent=powers if exponent == "fit" else exponent)
 
     def to_json(self) -> dict:
         cut = ("down_proj columns zeroed, the kept ones refit on other calibration samples" if self.refit_samples
@@ -74,6 +100,13 @@ class Sensitivity:
         if self.refit_samples:
             record["refit_samples"] = self.refit_samples
             record["refit"] = self.refit_kept
+        if self.low_kl is not None:
+            record["low_trial_kl"] = self.low_kl
+            record["low_trial_channels"] = self.low_channels_cut
+            record["fitted_exponents"] = [None if a is None else round(a, 4) for a in self.exponents()]
+            record["exponent_criterion"] = ("each block's KL taken as c x^a through its two trials (the same lowest-"
+                                            f"scoring channels, the smaller cut a subset), a held within "
+                                            f"{list(FITTED_EXPONENTS)}")
         if self.head_kl is not None:
             record["head_kl"] = self.head_kl
             record["head_criterion"] = ("the same KL with only this block's first head unit to go cut (o_proj "
@@ -106,17 +139,24 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
                    skipped: list[int] = (), num_samples: int = 8, batch_size: int = 8,
                    progress: bool = True, head_trials: dict[int, BlockWidths] | None = None,
                    gqa_mode: str = "kv-groups", refit: RefitCompensation | None = None,
-                   refit_samples: int = 0) -> Sensitivity:
+                   refit_samples: int = 0, low_fraction: float | None = None) -> Sensitivity:
     """The sensitivity of each block in `measured` to losing `fraction` of its channels, on the first
     `num_samples` calibration samples (blocks in `skipped`, removed whole by the plan, do not run). With
     `head_trials` (block -> its widths with one head unit fewer), each of those blocks is also measured with
-    the heads the prune would take first at those widths (in `gqa_mode`) cut instead."""
+    the heads the prune would take first at those widths (in `gqa_mode`) cut instead. With `low_fraction`, each
+    measured block also has a second, smaller channel trial (the lowest-scoring `low_fraction`), from which
+    `Sensitivity.exponents` fits how fast its cost grows."""
     from llm_bip.pipeline import catch_inputs, geometry
 
     if loaded.streamed:
         raise LlmBipError(SENSITIVITY_NEEDS_MEMORY)
     if not 0 < fraction < 1:
         raise ValueError(f"trial fraction {fraction} outside (0, 1)")
+    if low_fraction is not None and not 0 < low_fraction < fraction:
+        raise ValueError(f"second trial fraction {low_fraction} outside (0, {fraction})")
+    if low_fraction is not None and refit is not None:
+        raise LlmBipError("a fitted exponent's two trials zero the channels; they cannot also refit: drop "
+                          "--sensitivity-refit-samples or give a number as --sensitivity-exponent")
     started = time.perf_counter()
     model, adapter = loaded.model, loaded.adapter
     blocks = adapter.blocks(model)
@@ -137,6 +177,8 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
     cut: list[int | None] = [None] * len(blocks)
     head_trials = head_trials or {}
     head_kl: list[float | None] | None = [None] * len(blocks) if head_trials else None
+    low_kl: list[float | None] | None = [None] * len(blocks) if low_fraction is not None else None
+    low_cut: list[int | None] | None = [None] * len(blocks) if low_fraction is not None else None
     todo = set(measured)
     # The scores the prune itself ranks by (the Lipschitz factor is one number per block: it orders nothing
     # within a block).
@@ -151,6 +193,9 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
             if i in todo:
                 cut[i] = max(1, round(fraction * parts.down_proj.weight.shape[1]))
                 removed = torch.argsort(scores.channels)[: cut[i]]
+                if low_fraction is not None:
+                    low_cut[i] = max(1, round(low_fraction * parts.down_proj.weight.shape[1]))
+                    low_kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj, removed[: low_cut[i]], dense)
                 if fit_inputs is None:
                     kl[i] = _trial(loaded, blocks, inputs, rest, parts.down_proj, removed, dense)
                 else:
@@ -174,7 +219,7 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
         inputs = after
     return Sensitivity(kl, fraction, cut, subset.shape[0], sum(p.shape[0] * p.shape[1] for p in dense),
                        time.perf_counter() - started, head_kl, refit_samples if refit_kept is not None else 0,
-                       refit_kept)
+                       refit_kept, low_kl, low_cut)
 
 
 def _trial(loaded, blocks, inputs: BlockInputs, layers: list[int], projection, columns: torch.Tensor,
