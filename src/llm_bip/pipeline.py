@@ -160,8 +160,8 @@ def measure_sensitivity(loaded: LoadedModel, costs: list[BlockCosts], target: in
             if i not in removed and unit.count > 1:
                 head_trials[i] = widths_after(costs[i], unit, 1, 0)
     refit = config.compensator(loaded.adapter) if config.sensitivity_refit_samples else None
-    # A fitted exponent's second trial cuts half as much: the allocation spreads cuts below the uniform share
-    # more often than above it (the cap holds those).
+    # A fitted exponent's second trial cuts half as much: the blocks the allocation spares lose less than the
+    # uniform share, while those it takes more from are held by the cap close above it.
     low = fraction / 2 if config.sensitivity_exponent == "fit" else None
     return measure_blocks(loaded, samples, fraction, measured, list(removed), config.sensitivity_samples,
                           batch_size, progress, head_trials, config.gqa_mode, refit, config.sensitivity_refit_samples,

@@ -67,7 +67,7 @@ class Sensitivity:
     def exponents(self) -> list[float | None]:
         """Each measured block's power a from its two trials, KL = c x^a through both, within FITTED_EXPONENTS
         (a trial pair that the draw of the samples inverts, or that grows faster than cubically, is held at the
-        bound)."""
+        bound; where both trials cut the same channels, as in a very narrow block, the default 2)."""
         if self.low_kl is None or self.low_channels_cut is None:
             raise LlmBipError("fitting each block's exponent needs a second trial per block (exponent 'fit')")
         low, high = FITTED_EXPONENTS
