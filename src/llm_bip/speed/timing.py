@@ -286,7 +286,8 @@ def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torc
     reference_block = statistics.median(ref[0] for _, _, ref in windows)
     points, fixed, speeds = [], [], []
     for shape, (block, shape_fixed), (ref_block, ref_fixed) in windows:
-        speed = ref_block / reference_block if ref_block > 0 else 1.0  # this window's pace against the median
+        # this window's pace against the median (1 where a block timed as nothing, as a tiny model's can)
+        speed = ref_block / reference_block if ref_block > 0 and reference_block > 0 else 1.0
         points.append((shape, block / speed))
         fixed.extend((shape_fixed / speed, ref_fixed / speed))
         speeds.append(round(speed, 4))
