@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -200,6 +201,8 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
     so the minimum is the least noisy estimate): prefill over batch x seq_len tokens, or one decoding step
     per sequence with a KV cache of seq_len tokens (the fastest of 8 steps in each repeat)."""
     vocab = model.config.vocab_size
+    # transformers renamed the KV cache argument from past_key_values to cache (5.2x; the old name goes in 5.40)
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
     samples = []
@@ -212,19 +215,25 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
             elapsed = clock() - start
         else:
             out = model(ids, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
             steps = []
             for _ in range(8):
                 synchronize(device)
                 start = clock()
-                out = model(token, past_key_values=cache, use_cache=True)
+                out = model(token, use_cache=True, **{cache_argument: cache})
                 synchronize(device)
                 steps.append(clock() - start)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
             elapsed = min(steps)
         if repeat or not warm_up:
             samples.append(elapsed * 1000)
     return min(samples)
+
+
+def _cache_of(output):
+    """The KV cache a forward pass returned, under the name of this transformers version."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
