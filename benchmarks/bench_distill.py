@@ -26,6 +26,9 @@ bench_quality.py measures them. Runs:
               the @2048 measures read is trained
     lora-kd-mix-r32-fit-1024  lora-lm-r32-fit-1024 on half KL to the dense model (teacher on the fly),
               half LM loss (--distill-alpha 0.5): distillation in the best LM recipe measured
+    lora-kdcache-mix-r32-fit-1024  the same from a teacher cache (`--teacher-cache` in --work: the teacher's
+              top-64 log-probabilities computed once before training, outside --minutes, which its report
+              times as build_time_s; give --minutes less that, for an equal budget)
     lora-kd   the same LoRA, trained on KL to the dense model's next-token distribution (teacher on the fly)
     full-kd   every weight trained (AdamW, lr 5e-5) on the same KL
     full-lm   every weight trained (AdamW, lr 1e-4) on the language-model loss
@@ -82,6 +85,9 @@ RUNS = {
     "lora-kd-mix-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
                                  "--micro-batch-size", "1", "--val-set-size", "16", "--teacher", "{teacher}",
                                  "--distill-alpha", "0.5"],
+    "lora-kdcache-mix-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
+                                      "--micro-batch-size", "1", "--val-set-size", "16", "--teacher", "{teacher}",
+                                      "--distill-alpha", "0.5", "--teacher-cache", "{work}/teacher-cache-1024"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],
@@ -148,7 +154,7 @@ def main() -> None:
         done = result["runs"].get("lora-lm-r32", {}).get("steps")
         if "{steps}" in RUNS[name] and not done:
             raise SystemExit(f"{name} ends its schedule where lora-lm-r32 stopped: run lora-lm-r32 first")
-        options = [a.format(teacher=teacher, steps=(done or 0) - 5) for a in RUNS[name]]
+        options = [a.format(teacher=teacher, steps=(done or 0) - 5, work=work) for a in RUNS[name]]
         started = time.perf_counter()
         llm_bip("recover", "--model", str(pruned), "--data", str(text), "--output", str(trained), "--overwrite",
                 "--max-time", str(int(args.minutes * 60)), "--dtype", args.compute_dtype, "--epochs", str(args.epochs),
@@ -162,6 +168,7 @@ def main() -> None:
             "time_fit": recovery.get("time_fit"),
             "tokens_trained": recovery.get("tokens_trained"), "train_seconds": recovery.get("train_time_s"),
             "trainable_params": recovery.get("trainable_params"),
+            "teacher_cache": recovery.get("objective", {}).get("teacher_cache"),
             "perplexity": evaluate(lm, texts, [128, 2048], WINDOWS, dtype=args.compute_dtype),
         }
         out.write_text(json.dumps(result, indent=1))
