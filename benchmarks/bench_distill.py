@@ -69,6 +69,10 @@ COMMON = ["--batch-size", "8", "--micro-batch-size", "4", "--cutoff-len", "256",
           "--warmup-steps", "10", "--save-steps", "1000", "--quiet"]
 # lora-lm-nodrop at rank 32, the base of every r32 run.
 R32 = ["--lr", "1e-3", "--lora-dropout", "0", "--lora-r", "32", "--lora-alpha", "64"]
+# lora-lm-r32-fit with the same tokens per step and per held-out set, in 1,024-token sequences instead of 256.
+FIT_1024 = [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2", "--micro-batch-size", "1",
+            "--val-set-size", "16"]
+KD_MIX = ["--teacher", "{teacher}", "--distill-alpha", "0.5"]  # half KL to the dense model, half LM loss
 RUNS = {
     "lora-lm": ["--lr", "2e-4"],
     "lora-lm-1e-3": ["--lr", "1e-3"],
@@ -76,18 +80,12 @@ RUNS = {
     "lora-lm-r32": R32,
     "lora-lm-r32-anneal": [*R32, "--max-steps", "{steps}"],
     "lora-lm-r32-fit": [*R32, "--schedule-to-time"],
-    # The same tokens per step and per held-out set, in 1,024-token sequences instead of 256.
-    "lora-lm-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
-                             "--micro-batch-size", "1", "--val-set-size", "16"],
+    "lora-lm-r32-fit-1024": FIT_1024,
     # Whole 2,048-token sequences, one a step (the same tokens per step again; held-out set 8).
     "lora-lm-r32-fit-2048": [*R32, "--schedule-to-time", "--cutoff-len", "2048", "--batch-size", "1",
                              "--micro-batch-size", "1", "--val-set-size", "8"],
-    "lora-kd-mix-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
-                                 "--micro-batch-size", "1", "--val-set-size", "16", "--teacher", "{teacher}",
-                                 "--distill-alpha", "0.5"],
-    "lora-kdcache-mix-r32-fit-1024": [*R32, "--schedule-to-time", "--cutoff-len", "1024", "--batch-size", "2",
-                                      "--micro-batch-size", "1", "--val-set-size", "16", "--teacher", "{teacher}",
-                                      "--distill-alpha", "0.5", "--teacher-cache", "{work}/teacher-cache-1024"],
+    "lora-kd-mix-r32-fit-1024": [*FIT_1024, *KD_MIX],
+    "lora-kdcache-mix-r32-fit-1024": [*FIT_1024, *KD_MIX, "--teacher-cache", "{work}/teacher-cache-1024"],
     "lora-kd": ["--lr", "2e-4", "--teacher", "{teacher}"],
     "full-kd": ["--lr", "5e-5", "--full-finetune", "--teacher", "{teacher}"],
     "full-lm": ["--lr", "1e-4", "--full-finetune"],
