@@ -23,6 +23,10 @@ SELECTIONS = ("scores", "refit-aware")
 INTERCEPTS = ("auto", "always", "never")
 
 
+FITTED_EXPONENT_WITH_REFIT = ("a fitted sensitivity exponent's two trials zero the channels; they cannot also "
+                              "refit: drop --sensitivity-refit-samples or give a number as --sensitivity-exponent")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides the pruned model, recorded in its pruning record."""
@@ -107,8 +111,7 @@ class PruneConfig:
             raise LlmBipError(f"sensitivity exponent {self.sensitivity_exponent!r} is outside (1, 4]: give how a "
                               "block's KL grows with the fraction of it removed, e.g. 2 (quadratic), or 'fit'")
         if self.sensitivity_exponent == "fit" and self.sensitivity_refit_samples:
-            raise LlmBipError("a fitted sensitivity exponent's two trials zero the channels; they cannot also refit: "
-                              "drop --sensitivity-refit-samples or give a number as --sensitivity-exponent")
+            raise LlmBipError(FITTED_EXPONENT_WITH_REFIT)
         if not isinstance(self.sensitivity_refit_samples, int) or self.sensitivity_refit_samples < 0:
             raise LlmBipError(f"sensitivity refit samples {self.sensitivity_refit_samples!r}: give a number of "
                               "calibration samples, e.g. 64 (0: trials without a refit)")

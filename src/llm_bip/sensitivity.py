@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from llm_bip.activations import BlockInputs, full_precision, run_block
 from llm_bip.allocation import Curvature
 from llm_bip.compensation import RefitCompensation
+from llm_bip.config import FITTED_EXPONENT_WITH_REFIT
 from llm_bip.errors import LlmBipError
 from llm_bip.evaluation.perplexity import output_logits
 from llm_bip.loading import LoadedModel
@@ -155,8 +156,7 @@ def measure_blocks(loaded: LoadedModel, samples: torch.Tensor, fraction: float, 
     if low_fraction is not None and not 0 < low_fraction < fraction:
         raise ValueError(f"second trial fraction {low_fraction} outside (0, {fraction})")
     if low_fraction is not None and refit is not None:
-        raise LlmBipError("a fitted exponent's two trials zero the channels; they cannot also refit: drop "
-                          "--sensitivity-refit-samples or give a number as --sensitivity-exponent")
+        raise LlmBipError(FITTED_EXPONENT_WITH_REFIT)
     started = time.perf_counter()
     model, adapter = loaded.model, loaded.adapter
     blocks = adapter.blocks(model)
