@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speed.py --model tinyllama --out benchmarks/results/speed_tinyllama.json
     python benchmarks/bench_speed.py --model smollm2 --ratios 0.2 0.3 0.5 --out benchmarks/results/speed_smollm2.json
-    python benchmarks/bench_speed.py --model tinyllama --ratios --target-speedup 1.2 --rounds 3 --out ...
+    python benchmarks/bench_speed.py --model tinyllama --ratios --target-speedup 1.2 --rounds 5 --out ...
 
 Speed does not depend on the weights' values, so every model here is the family's stock class with
 random weights at the pruned shape: dense; `width` (the default allocation's uniform widths at the
@@ -14,14 +14,15 @@ greedy decoding tokens/s at batch 1 (32 new tokens after a 128-token prompt, KV 
 runs first and last, so drift over the run shows. With `--predict`, the speed planner's timing table
 (llm_bip.speed.timing, the same one `prune --target-speedup` uses) predicts each shape's speed-up too.
 With `--target-speedup`, the shapes that `prune --target-speedup` would plan by each route (width, depth,
-mixed) for each of `--target-modes` (batch 1, 128 tokens), from tables timed now, are timed as well: whether
-the planner's promise holds on the device, without pruning a 1B model (the planner decides the shape; which
+mixed) for each of `--target-modes` (batch 1, 128 tokens), from tables timed now and the plans' own widths
+timed as prune times them, are timed as well: whether the planner's promise holds on the device, without pruning a 1B model (the planner decides the shape; which
 blocks and channels go does not change the time).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -96,8 +97,8 @@ def shapes_for(name: str, ratios: list[float]) -> list[dict]:
 def targeted(name: str, speedup: float, modes: list[str], device: torch.device) -> list[dict]:
     """Per target mode and route: the shape the speed planner plans for `speedup` on this device (a timing
     table timed now), with its predicted speed-up."""
-    from llm_bip.speed.planner import PLANNED_ROUTES, SpeedTarget, plan_speed
-    from llm_bip.speed.timing import timing_table
+    from llm_bip.speed.planner import PLANNED_ROUTES, SpeedTarget, plan_speed_refined
+    from llm_bip.speed.timing import refine, timing_table
 
     config = base_config(name)
     counts, costs = meta_model(name)
@@ -105,15 +106,25 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device) 
     for mode in modes:
         table = timing_table(config, "llama", costs[0].widths, config.head_dim, torch.bfloat16, device, mode, 1,
                              PROMPT, path=Path(tempfile.mkdtemp()) / "table.json")
+        grid_seconds = table.details.get("seconds")
         for route in PLANNED_ROUTES:
-            planned = plan_speed(costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route))
+            # as `prune --target-speedup` plans with its cached table: the plan's own widths timed, planned again
+            started = time.perf_counter()
+            planned, earlier = plan_speed_refined(
+                costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route),
+                functools.partial(refine, table, config, head_dim=config.head_dim, dtype=torch.bfloat16, device=device,
+                                  progress=False))
             # The ratio counts against the planner's base (the model's non-embedding parameters).
             widths, removed_share = shape_after(costs, planned.ratio, planned.remove_blocks, counts["non_embedding"])
             plans.append({"plan": f"{route} for {speedup:g}x {mode}", "route": route, "target": speedup,
                           "target_mode": mode, "ratio": planned.ratio, "blocks": len(costs) - planned.remove_blocks,
                           "widths": widths.to_json(), "removed_non_embedding": removed_share,
-                          "planned_speedup": planned.predicted_speedup,
-                          "timing_seconds": table.details.get("seconds")})
+                          "planned_speedup": planned.predicted_speedup, "timing_seconds": grid_seconds,
+                          "plans_before_timing_own_widths": [
+                              {"ratio": e.ratio, "blocks": len(costs) - e.remove_blocks,
+                               "widths": e.kept_widths[0].to_json(), "predicted_speedup": e.predicted_speedup}
+                              for e in earlier],
+                          "own_widths_seconds": time.perf_counter() - started})
     return plans
 
 

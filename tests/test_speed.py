@@ -13,7 +13,7 @@ from llm_bip.config import PruneConfig
 from llm_bip.errors import LlmBipError
 from llm_bip.params import BlockCosts
 from llm_bip.speed import timing
-from llm_bip.speed.planner import SpeedTarget, plan_speed
+from llm_bip.speed.planner import REFINE_ROUNDS, SpeedTarget, plan_speed, plan_speed_refined
 from llm_bip.speed.timing import TimingKey, TimingTable
 from llm_bip.widths import BlockWidths
 
@@ -187,8 +187,9 @@ def _prune(cli_model: Path, out: Path, *extra: str) -> int:
                  "--num-samples", "4", "--seq-len", "16", "--eval", "none", "--quiet", "--output", str(out), *extra])
 
 
-def _fake_table_for(cli_model: Path, path: Path, mode: str = "prefill") -> Path:
-    """A linear fake timing table under the key this machine would measure for the tiny model."""
+def _fake_table_for(cli_model: Path, path: Path | None, mode: str = "prefill") -> Path:
+    """A linear fake timing table under the key this machine would measure for the tiny model, in `path` (None:
+    where llm-bip's own cache keeps it)."""
     from llm_bip import api
 
     lm = api.load(str(cli_model))
@@ -197,6 +198,7 @@ def _fake_table_for(cli_model: Path, path: Path, mode: str = "prefill") -> Path:
     points = [(BlockWidths(h, kv, c), 1 + 0.02 * c + 0.1 * h) for h, kv in ((full.num_heads, full.num_kv_heads),
                                                                           (full.num_heads // 2, full.num_kv_heads // 2))
               for c in (10, full.channels // 2, full.channels)]
+    path = path or timing.cache_file_for(key)
     TimingTable(key, 4.0, points).save(path)
     return path
 
@@ -268,3 +270,104 @@ def test_cli_speed_target_errors(cli_model, tmp_path, flags, message, capsys):
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
+
+
+# ----------------------------------------------------------------------------- a plan's own widths, timed
+
+
+def humped(widths: BlockWidths) -> float:
+    """The 'true' block time: fake_table's line, plus a hump of up to 0.4 ms between its grid points at 50 and
+    100 channels (a curve the grid cannot see)."""
+    hump = 0.4 * max(0.0, 1 - abs(widths.channels - 75) / 25)
+    return 1 + 0.02 * widths.channels + 0.25 * widths.num_heads + hump
+
+
+def test_a_plan_that_rests_on_interpolation_is_timed_at_its_own_widths_and_planned_again():
+    c, table, timed = costs(), fake_table(), []
+
+    def time_shapes(shapes):
+        timed.append(shapes)
+        for shape in shapes:
+            table.add_point(shape, humped(shape), {"fake": True})
+
+    target = SpeedTarget(1.1, route="width")  # 60 / 1.1 ms: 73 channels on the grid's line, inside the hump
+    grid_plan = plan_speed(c, counts(c), PruneConfig(), fake_table(), target)
+    speed, earlier = plan_speed_refined(c, counts(c), PruneConfig(), table, target, time_shapes)
+    assert earlier[0] == grid_plan and timed[0] == [grid_plan.kept_widths[0]]
+    # Truth at the final plan: its widths were timed, and the target holds on the true curve.
+    kept = speed.kept_widths[0]
+    assert table.unmeasured(kept) == []
+    assert 60 / (10 + 10 * humped(kept)) >= 1.1 - 1e-9
+    assert 60 / (10 + 10 * humped(grid_plan.kept_widths[0])) < 1.1  # the grid's own plan misses on it
+    assert speed.ratio > grid_plan.ratio and 1 <= len(timed) <= REFINE_ROUNDS
+    # Depth keeps full widths, which the grid timed: nothing to time.
+    depth, before = plan_speed_refined(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth"),
+                                       lambda shapes: pytest.fail(f"timed {shapes}"))
+    assert depth.remove_blocks == 4 and before == []
+    # Without a timer (a table the user gave), the grid's plan as it is.
+    assert plan_speed_refined(c, counts(c), PruneConfig(), fake_table(), target, None) == (grid_plan, [])
+
+
+def test_a_plan_between_head_levels_is_timed_on_both():
+    table = fake_table()
+    assert table.unmeasured(BlockWidths(8, 2, 73)) == [BlockWidths(8, 2, 73)]
+    assert table.unmeasured(BlockWidths(8, 2, 50)) == []  # a grid point
+    assert table.unmeasured(BlockWidths(6, 2, 40)) == [BlockWidths(4, 1, 40), BlockWidths(8, 2, 40)]
+    assert table.unmeasured(BlockWidths(4, 1, 100)) == []
+    assert table.unmeasured(BlockWidths(2, 1, 30)) == [BlockWidths(4, 1, 30), BlockWidths(8, 2, 30)]  # extrapolated
+    table.add_point(BlockWidths(8, 2, 73), 3.0, {"fake": True})
+    assert table.unmeasured(BlockWidths(8, 2, 73)) == [] and table.block_ms(BlockWidths(8, 2, 73)) == 3.0
+    assert table.details["refined"] == [{**BlockWidths(8, 2, 73).to_json(), "block_ms": 3.0, "fake": True}]
+
+
+def test_refine_puts_the_plan_widths_on_the_tables_scale_whatever_the_pace_now(monkeypatch):
+    """The table was timed at one pace; the host now runs 1.7x slower. The new point is the shape's time over the
+    reference's in the same rounds, times the table's full-width point: the true ratio on the table's scale."""
+    config = TINY_CONFIGS["llama"]()
+    widths = BlockWidths(6, 2, 96)
+
+    def cost(shape_config) -> float:
+        return 0.5 + 0.01 * shape_config.intermediate_size + 0.2 * shape_config.num_attention_heads
+
+    def fake_pass(model, mode, batch, seq_len, repeats, device, warm_up=True, pace=1.0):
+        return pace * (3.0 + model.config.num_hidden_layers * cost(model.config))
+
+    monkeypatch.setattr(timing, "time_pass", fake_pass)
+    table = timing.measure(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "prefill", 1, 16,
+                           repeats=2, progress=False)
+    monkeypatch.setattr(timing, "time_pass", lambda *a, **k: fake_pass(*a, **k, pace=1.7))
+    shape = BlockWidths(6, 2, 61)
+    timing.refine(table, config, [shape], 8, torch.float32, torch.device("cpu"), repeats=2, progress=False)
+    full = dict(table.points)[widths]
+    assert dict(table.points)[shape] / full == pytest.approx((0.5 + 0.61 + 1.2) / (0.5 + 0.96 + 1.2))
+    assert table.details["refined"][0]["intermediate_size"] == 61
+    with pytest.raises(LlmBipError, match="timed for"):
+        timing.refine(table, config, [shape], 8, torch.bfloat16, torch.device("cpu"), progress=False)
+
+
+def test_a_cached_table_gains_the_plans_own_widths_and_a_given_one_stays_as_it_is(cli_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_BIP_CACHE", str(tmp_path / "cache"))
+    cached = _fake_table_for(cli_model, None)
+    out = tmp_path / "first"
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width") == 0
+    speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]
+    assert speed["own_widths"].startswith("timed") and len(speed["plans_before_timing_own_widths"]) >= 1
+    refined = json.loads(cached.read_text())["details"]["refined"]  # timed on this machine, kept in the cache
+    assert refined and all(p["ratio_to_full"] is None or p["ratio_to_full"] >= 0 for p in refined)
+    assert speed["timing_table"]["details"]["refined"] == refined
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed the plan's widths again instead of reading them from the cache")
+
+    monkeypatch.setattr(timing, "refine", no_timing)
+    out = tmp_path / "again"
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width") == 0
+    again = json.loads((out / "pruning_record.json").read_text())["speed_target"]
+    assert again["ratio"] == speed["ratio"] and again["plans_before_timing_own_widths"] == []
+    # A table the user names is used as it is: nothing timed, nothing written into their file.
+    given = _fake_table_for(cli_model, tmp_path / "given.json")
+    before = given.read_text()
+    out = tmp_path / "given"
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width", "--timing-table", str(given)) == 0
+    speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]
+    assert speed["own_widths"].startswith("not timed") and given.read_text() == before

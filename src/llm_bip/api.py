@@ -142,7 +142,7 @@ def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget
     table = device_timing(loaded.model.config, loaded.adapter.family, full, loaded.adapter.head_dim, loaded.dtype,
                           loaded.device, target.mode, target.batch, target.seq_len, timing_table, progress)
     if target.route != "auto":
-        return _plan_route(loaded, config, target, table, costs)
+        return _plan_route(loaded, config, target, table, costs, progress)
     if samples is None or calibration is None:
         raise LlmBipError("the speed route 'auto' prunes by each route and compares them on held-out calibration "
                           "text: give the calibration samples and their description (api.calibrate)")
@@ -158,15 +158,32 @@ def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget
 HELD_OUT_WINDOWS = 32
 
 
-def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, table, costs) -> tuple[PruneConfig, dict]:
-    from llm_bip.speed.planner import plan_speed
+def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, table, costs,
+                progress: bool = True) -> tuple[PruneConfig, dict]:
+    from llm_bip.speed.planner import plan_speed_refined
+    from llm_bip.speed.timing import refine
 
-    speed = plan_speed(costs, count_parameters(loaded.model, loaded.adapter), config, table, target)
+    def time_shapes(shapes):
+        log.info("timing the plan's own block widths (%s) beside the full width", ", ".join(
+            f"{w.num_heads}/{w.num_kv_heads} heads x {w.channels}" for w in shapes))
+        refine(table, loaded.model.config, shapes, loaded.adapter.head_dim, loaded.dtype, loaded.device,
+               progress=progress)
+        table.save(table.cache_file)
+
+    # A table the user named is used as it is (the plan is then theirs to reproduce); llm-bip's own cached
+    # table gains the plan's widths, timed, and keeps them for the next plan.
+    speed, earlier = plan_speed_refined(costs, count_parameters(loaded.model, loaded.adapter), config, table, target,
+                                        time_shapes if table.cache_file is not None else None)
     planned = speed.config(config)
     record = {"target": target.speedup, "mode": target.mode, "batch": target.batch, "seq_len": target.seq_len,
               "route": target.route, "depth_share": target.depth_share if target.route == "mixed" else None,
               "ratio": speed.ratio, "remove_blocks": speed.remove_blocks,
               "predicted_speedup": speed.predicted_speedup, "dense_ms": speed.dense_ms, "pruned_ms": speed.pruned_ms,
+              "own_widths": ("timed beside the full width, kept in llm-bip's timing cache" if table.cache_file
+                             else "not timed: the timing table given is used as it is"),
+              # the plans before the plan's own widths were timed (the grid's first): what timing them changed
+              "plans_before_timing_own_widths": [{"ratio": e.ratio, "remove_blocks": e.remove_blocks,
+                                                  "predicted_speedup": e.predicted_speedup} for e in earlier],
               "device": table.key.device, "timing_table": table.to_json()}
     log.info("speed target %.2fx %s (batch %d) by %s: ratio %s, %d whole block(s); predicted %.3fx (%.2f -> %.2f ms)",
              target.speedup, target.mode, target.batch, target.route, speed.ratio, speed.remove_blocks,
@@ -191,7 +208,8 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
         raise LlmBipError(f"unknown speed route(s) {', '.join(unknown)}: choose from {', '.join(PLANNED_ROUTES)}")
     for route in routes:
         try:
-            planned, record = _plan_route(loaded, config, dataclasses.replace(target, route=route), table, costs)
+            planned, record = _plan_route(loaded, config, dataclasses.replace(target, route=route), table, costs,
+                                          progress)
         except LlmBipError as exc:
             candidates.append({"route": route, "unreachable": str(exc)})
             continue

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_bip.config import PruneConfig
@@ -29,6 +31,7 @@ from llm_bip.errors import LlmBipError
 from llm_bip.params import BlockCosts
 from llm_bip.pipeline import depth_parameters, plan_widths
 from llm_bip.speed.timing import TimingTable, check_pass
+from llm_bip.widths import BlockWidths
 
 PLANNED_ROUTES = ("width", "mixed", "depth")
 ROUTES = (*PLANNED_ROUTES, "auto")
@@ -62,6 +65,7 @@ class SpeedPlan:
     predicted_speedup: float
     dense_ms: float
     pruned_ms: float
+    kept_widths: tuple[BlockWidths, ...] = ()  # the kept blocks' widths the prediction is of
 
     def config(self, config: PruneConfig) -> PruneConfig:
         """`config` with the planned amounts in place of a ratio."""
@@ -81,6 +85,10 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
 
     def predict(ratio: float | None, blocks: int) -> float | None:
         """Predicted speed-up of `blocks` whole blocks plus widths for the rest of `ratio` (None: impossible)."""
+        kept = kept_widths(ratio, blocks)
+        return dense_ms / table.model_ms(kept) if kept is not None else None
+
+    def kept_widths(ratio: float | None, blocks: int) -> list[BlockWidths] | None:
         removed = candidates[len(candidates) - blocks:] if blocks else []
         kept = [i for i in range(len(costs)) if i not in removed]
         if ratio is None:
@@ -93,13 +101,16 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
                 widths = plan_widths(costs, rest, config, None, removed)
             except LlmBipError:
                 return None
-        return dense_ms / table.model_ms([widths[i] for i in kept])
+        return [widths[i] for i in kept]
+
+    def plan(ratio: float | None, blocks: int, speedup: float) -> SpeedPlan:
+        return SpeedPlan(ratio, blocks, speedup, dense_ms, dense_ms / speedup, tuple(kept_widths(ratio, blocks)))
 
     if target.route == "depth":
         for blocks in range(1, len(candidates)):
             speedup = predict(None, blocks)
             if speedup is not None and speedup >= target.speedup:
-                return SpeedPlan(None, blocks, speedup, dense_ms, dense_ms / speedup)
+                return plan(None, blocks, speedup)
         _unreachable(target, predict(None, len(candidates) - 1), f"removing {len(candidates) - 1} blocks")
 
     def blocks_for(ratio: float) -> int:
@@ -125,7 +136,36 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
     while speedup is None:  # the interpolated times are not exactly monotone: step up until the target holds
         ratio = round(ratio + RATIO_STEP, 4)
         speedup = meets(ratio)
-    return SpeedPlan(round(ratio, 4), blocks_for(ratio), speedup, dense_ms, dense_ms / speedup)
+    return plan(round(ratio, 4), blocks_for(ratio), speedup)
+
+
+# Plan, time the plan's own shapes, plan again: at most this many timings (a plan that moves after its shape
+# was timed moves by less each time: the curve is right where it was measured).
+REFINE_ROUNDS = 3
+REFINED_WIDTHS = 4  # per timing, the commonest kept widths (a uniform plan has one; an adaptive one, many)
+
+
+def plan_speed_refined(costs: list[BlockCosts], counts: dict, config: PruneConfig, table: TimingTable,
+                       target: SpeedTarget, time_shapes: Callable[[list[BlockWidths]], None] | None
+                       ) -> tuple[SpeedPlan, list[SpeedPlan]]:
+    """plan_speed, with the plan's own block shapes timed (`time_shapes` adds them to `table` as points) and
+    planned again, until the plan's widths rest on points measured at them (or REFINE_ROUNDS timings;
+    `time_shapes` None: plan_speed alone).
+    Returns the plan and the plans before it, the grid's own first.
+
+    The grid's points are 10-25% of the FFN apart and the plan sits exactly at its target, so the
+    interpolation's error between them is the plan's error; a depth plan keeps full widths, which the grid
+    measured, and needs no timing."""
+    speed, earlier = plan_speed(costs, counts, config, table, target), []
+    for _ in range(REFINE_ROUNDS if time_shapes is not None else 0):
+        commonest = [w for w, _ in Counter(speed.kept_widths).most_common(REFINED_WIDTHS)]
+        shapes = list(dict.fromkeys(s for w in commonest for s in table.unmeasured(w)))
+        if not shapes:
+            break
+        time_shapes(shapes)
+        earlier.append(speed)
+        speed = plan_speed(costs, counts, config, table, target)
+    return speed, earlier
 
 
 def _unreachable(target: SpeedTarget, best: float | None, what: str) -> None:

@@ -40,6 +40,9 @@ CHANNEL_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 # Blocks in the two timed models: their difference is what blocks cost, the rest is fixed.
 FEW_BLOCKS, MORE_BLOCKS = 1, 3
 REPEATS = 5
+# A plan's own shapes (refine): timed in twice the grid's rounds, since their points decide the plan; a point
+# within 0.5% of the full width's channels of a plan's width counts as its own (the grid's steps are 10-25%).
+REFINE_REPEATS, REFINE_TOLERANCE = 10, 0.005
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class TimingTable:
     fixed_ms: float
     points: list[tuple[BlockWidths, float]]  # (widths, ms per block)
     details: dict = field(default_factory=dict)
+    # llm-bip's own cache file the table lives in (None: a file the user named, used as it is): a plan's
+    # own widths, timed (refine), are saved there, so the next plan for the same target reads them
+    cache_file: Path | None = field(default=None, compare=False, repr=False)
 
     # ---------------------------------------------------------------------------------- prediction
 
@@ -91,6 +97,30 @@ class TimingTable:
     def model_ms(self, blocks: list[BlockWidths]) -> float:
         """One pass of a model whose kept blocks have these widths."""
         return self.fixed_ms + sum(self.block_ms(w) for w in blocks)
+
+    @property
+    def full_widths(self) -> BlockWidths:
+        return BlockWidths(self.key.num_heads, self.key.num_kv_heads, self.key.channels)
+
+    def unmeasured(self, widths: BlockWidths, tolerance: float = REFINE_TOLERANCE) -> list[BlockWidths]:
+        """The shapes to time so that `widths`' prediction rests on points measured at its own FFN width: on
+        each head level block_ms draws on (with a weight above 0), `widths`' channels, unless a point lies
+        within `tolerance` of the full width's channels of them."""
+        levels = sorted({(w.num_heads, w.num_kv_heads) for w, _ in self.points})
+        heads = [h for h, _ in levels]
+        if len(levels) == 1 or widths.num_heads in heads:
+            used = [levels[heads.index(widths.num_heads)] if widths.num_heads in heads else levels[0]]
+        else:
+            upper = next((i for i in range(1, len(heads)) if heads[i] >= widths.num_heads), len(heads) - 1)
+            used = [levels[upper - 1], levels[upper]]
+        near = max(1, round(tolerance * self.key.channels))
+        return [BlockWidths(h, kv, widths.channels) for h, kv in used
+                if not any(w.num_heads == h and abs(w.channels - widths.channels) <= near for w, _ in self.points)]
+
+    def add_point(self, widths: BlockWidths, ms: float, note: dict) -> None:
+        """A measured point in place of any at the same widths; `note` says how it was measured."""
+        self.points = [(w, t) for w, t in self.points if w != widths] + [(widths, ms)]
+        self.details.setdefault("refined", []).append({**widths.to_json(), "block_ms": ms, **note})
 
     # ----------------------------------------------------------------------------------------- files
 
@@ -236,62 +266,75 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
-def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
-            mode: str, batch: int, seq_len: int, repeats: int = REPEATS, progress: bool = True) -> TimingTable:
-    """Time the grid of block shapes around `widths` (the model's full widths) on `device`.
+class _Windows:
+    """Times block shapes of one model family in windows beside the full-width reference (measure, refine).
 
-    Each shape's model is timed with more blocks and with fewer (its block list cut), one pass each, in
-    `repeats` rounds; every round also times the full-width reference the same way, so each shape has a
-    window of its own in which the reference ran beside it. A shape keeps its fastest passes, and its block
-    and fixed times are divided by the reference's block time in the same window and multiplied by the
-    reference's median over all windows. A planner divides model times by each other, so what it needs is
-    that the shapes compare as if timed at once: on a host whose speed drifts by 10-20% over a minute
-    (docs/results.md §9), shapes timed one after the other do not."""
-    from tqdm.auto import tqdm
+    A window times a shape's model with more blocks and with fewer (its block list cut), one pass each, in
+    `repeats` rounds, and the full-width reference the same way in the same rounds. A planner divides model
+    times by each other, so what it needs is that shapes compare as if timed at once: on a host whose speed
+    drifts by 10-20% over a minute (docs/results.md §9), shapes timed one after the other do not."""
 
-    key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
-    started = time.perf_counter()
+    def __init__(self, config, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 mode: str, batch: int, seq_len: int):
+        self.config, self.widths, self.head_dim, self.dtype, self.device = config, widths, head_dim, dtype, device
+        self.mode, self.batch, self.seq_len = mode, batch, seq_len
+        self.reference = self._build(widths)
+        self._time_blocks(self.reference, warm_up=True)  # its first window may come later; it starts warm there
 
-    def build(shape: BlockWidths, share_with=None):
+    def _build(self, shape: BlockWidths, share_with=None):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(shaped_config(config, shape, head_dim, MORE_BLOCKS), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(shaped_config(self.config, shape, self.head_dim, MORE_BLOCKS),
+                                                 dtype=self.dtype)
         if share_with is not None:  # the embedding and output layer do not depend on the block shape: one copy
             model.set_input_embeddings(share_with.get_input_embeddings())
             model.set_output_embeddings(share_with.get_output_embeddings())
-        model = model.to(device).eval()
+        model = model.to(self.device).eval()
         return model, {MORE_BLOCKS: model.model.layers, FEW_BLOCKS: model.model.layers[:FEW_BLOCKS]}
 
-    def time_blocks(built, warm_up: bool) -> dict[int, float]:
+    def _time_blocks(self, built, warm_up: bool) -> dict[int, float]:
         model, layers = built
         passes = {}
         for count in (MORE_BLOCKS, FEW_BLOCKS):
             model.model.layers, model.config.num_hidden_layers = layers[count], count
-            passes[count] = time_pass(model, mode, batch, seq_len, 1, device, warm_up=warm_up)
+            passes[count] = time_pass(model, self.mode, self.batch, self.seq_len, 1, self.device, warm_up=warm_up)
         return passes
 
-    def split(times: dict[int, list[float]]) -> tuple[float, float]:
+    @staticmethod
+    def _split(times: dict[int, list[float]]) -> tuple[float, float]:
         """(ms per block, fixed ms) from the fastest pass with each block count."""
         more, few = min(times[MORE_BLOCKS]), min(times[FEW_BLOCKS])
         block = max(0.0, (more - few) / (MORE_BLOCKS - FEW_BLOCKS))
         return block, few - FEW_BLOCKS * block
 
-    reference = build(widths)
-    time_blocks(reference, warm_up=True)  # its first window may come later; it starts warm there
-    windows = []  # per shape: (shape, its block and fixed ms, the reference's in the same rounds)
-    for shape in tqdm(grid(widths), desc=f"timing {mode} shapes", disable=not progress):
-        built = reference if shape == widths else build(shape, share_with=reference[0])
+    def window(self, shape: BlockWidths, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(the shape's block and fixed ms, the reference's beside it), each from its fastest passes."""
+        built = self.reference if shape == self.widths else self._build(shape, share_with=self.reference[0])
         times: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
         beside: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
         for repeat in range(repeats):
-            for count, ms in time_blocks(built, warm_up=repeat == 0).items():
+            for count, ms in self._time_blocks(built, warm_up=repeat == 0).items():
                 times[count].append(ms)
-            if built is not reference:
-                for count, ms in time_blocks(reference, warm_up=False).items():
+            if built is not self.reference:
+                for count, ms in self._time_blocks(self.reference, warm_up=False).items():
                     beside[count].append(ms)
-        own = split(times)
-        windows.append((shape, own, own if built is reference else split(beside)))
-        if built is not reference:
-            del built
+        own = self._split(times)
+        return own, own if built is self.reference else self._split(beside)
+
+
+def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
+            mode: str, batch: int, seq_len: int, repeats: int = REPEATS, progress: bool = True) -> TimingTable:
+    """Time the grid of block shapes around `widths` (the model's full widths) on `device`.
+
+    Each shape is timed in a window of its own beside the full-width reference (_Windows). A shape keeps its
+    fastest passes, and its block and fixed times are divided by the reference's block time in the same
+    window and multiplied by the reference's median over all windows."""
+    from tqdm.auto import tqdm
+
+    key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
+    started = time.perf_counter()
+    timer = _Windows(config, widths, head_dim, dtype, device, mode, batch, seq_len)
+    windows = [(shape, *timer.window(shape, repeats))
+               for shape in tqdm(grid(widths), desc=f"timing {mode} shapes", disable=not progress)]
     reference_block = statistics.median(ref[0] for _, _, ref in windows)
     points, fixed, speeds = [], [], []
     for shape, (block, shape_fixed), (ref_block, ref_fixed) in windows:
@@ -309,17 +352,48 @@ def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torc
     return TimingTable(key, max(0.0, statistics.median(fixed)), points, details)
 
 
+def refine(table: TimingTable, config, shapes: list[BlockWidths], head_dim: int, dtype: torch.dtype,
+           device: torch.device, repeats: int = REFINE_REPEATS, progress: bool = True) -> None:
+    """Time `shapes` (a plan's own block widths) beside the full-width reference and add them to `table`.
+
+    Between grid widths the table interpolates, and on this host's CPUs time against width is neither
+    straight nor free of noise (docs/results.md §9): a plan that sits exactly at its target by the
+    interpolation can miss it by the curve's error there. Each shape's point is its block time over the
+    reference's in the same rounds, times the table's own full-width block time, so it is on the table's
+    scale whatever the host's pace now."""
+    from tqdm.auto import tqdm
+
+    key = table.key
+    if shapes and (timing_key(config, key.family, dtype, device, key.mode, key.batch, key.seq_len, table.full_widths,
+                              head_dim) != key):
+        raise LlmBipError("refining a timing table needs the model, device and setting it was timed for")
+    full_ms = dict(table.points).get(table.full_widths)
+    if full_ms is None:
+        raise LlmBipError("the timing table has no full-width point to refine against: delete it to time again")
+    timer = _Windows(config, table.full_widths, head_dim, dtype, device, key.mode, key.batch, key.seq_len)
+    for shape in tqdm(shapes, desc=f"timing the plan's {key.mode} shapes", disable=not progress):
+        started = time.perf_counter()
+        (block, _), (ref_block, _) = timer.window(shape, repeats)
+        ratio = block / ref_block if ref_block > 0 else None  # (a tiny model's block can time as nothing)
+        table.add_point(shape, ratio * full_ms if ratio is not None else block,
+                        {"ratio_to_full": ratio, "repeats": repeats, "seconds": time.perf_counter() - started})
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LLM_BIP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                           os.path.expanduser("~/.cache"), "llm-bip")
     return Path(root) / "timing"
 
 
+def cache_file_for(key: TimingKey) -> Path:
+    return cache_dir() / f"{key.family}-{key.mode}-b{key.batch}-{key.digest()}.json"
+
+
 def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
                  mode: str, batch: int, seq_len: int, path: Path | None = None, progress: bool = True) -> TimingTable:
     """The cached table for this key (in `path`, or the cache directory), timed and saved if there is none."""
     key = timing_key(config, family, dtype, device, mode, batch, seq_len, widths, head_dim)
-    file = Path(path) if path else cache_dir() / f"{family}-{mode}-b{batch}-{key.digest()}.json"
+    file = Path(path) if path else cache_file_for(key)
     table = None
     if file.is_file() and path:
         table = TimingTable.load(file)  # the user's file: unreadable or damaged is an error
@@ -332,6 +406,7 @@ def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype:
     if table is not None:
         if table.key == key:
             log.info("timing table %s (cached)", file)
+            table.cache_file = None if path else file
             return table
         if path:
             raise LlmBipError(f"the timing table {file} was measured for another model, device or setting "
@@ -339,6 +414,7 @@ def timing_table(config, family: str, widths: BlockWidths, head_dim: int, dtype:
     log.info("timing %s at batch %d on %s (%d shapes; cached in %s)", mode, batch, key.device, len(grid(widths)), file)
     table = measure(config, family, widths, head_dim, dtype, device, mode, batch, seq_len, progress=progress)
     table.save(file)
+    table.cache_file = None if path else file
     return table
 
 
