@@ -26,7 +26,9 @@ from llm_bip.errors import LlmBipError
 from llm_bip.loading import LoadedModel
 from llm_bip.recovery import DistillConfig, Teacher, recover
 from llm_bip.recovery.distill import (
+    EXACT_REST_ABOVE,
     distill_sums,
+    kl_and_ce_sums,
     kl_full_sum,
     kl_topk_sum,
     teacher_topk,
@@ -93,6 +95,54 @@ def test_kl_equals_a_naive_full_softmax_reference(temperature):
     sparse.backward(), dense.backward()
     assert torch.isfinite(s1.grad).all()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+def bucket_kl_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, k: int) -> torch.Tensor:
+    """In float64: both distributions collapsed to the teacher's top k tokens plus "everything else"."""
+    p = torch.softmax(teacher.double() / temperature, -1)
+    q = torch.softmax(student.double() / temperature, -1)
+    top = p.topk(k, -1).indices
+    p_top, q_top = p.gather(-1, top), q.gather(-1, top)
+    p_b = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_b = torch.cat([q_top, (q.sum(-1, keepdim=True) - q_top.sum(-1, keepdim=True))], -1)
+    return (p_b * (p_b.log() - q_b.log())).sum()
+
+
+def test_the_students_rest_is_exact_where_the_top_holds_nearly_all_of_its_mass():
+    """The student's mass outside the teacher's top k is 1 - the top's mass, except where that is below 1%
+    (summed over the other tokens there): value and gradient match a float64 reference on both kinds of row."""
+    torch.manual_seed(4)
+    student, teacher, k = torch.randn(24, 500) * 2, torch.randn(24, 500) * 3, 16
+    top = teacher.topk(k, -1).indices
+    student[:12] = student[:12].scatter_add(-1, top[:12, :3], torch.full((12, 3), 14.0))  # confident rows
+    probs = torch.softmax(student, -1).gather(-1, top).sum(-1)
+    assert (probs[:12] > EXACT_REST_ABOVE).all() and (probs[12:] < EXACT_REST_ABOVE).all()
+    got_in, ref_in = student.clone().requires_grad_(), student.double().clone().requires_grad_()
+    got = kl_topk_sum(got_in, teacher_topk(teacher, k, 1.0), 1.0)
+    expected = bucket_kl_reference(ref_in, teacher, 1.0, k)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    got.backward(), expected.backward()
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-4, atol=1e-6)
+    # The teacher's remainder, on rows of both kinds too (the confident student rows as a teacher's).
+    rows = teacher_topk(student, k, 1.0)
+    exact = torch.log_softmax(student.double(), -1).scatter(-1, rows.indices, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(rows.remainder.double(), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_kl_and_cross_entropy_from_one_softmax_equal_them_taken_apart(temperature, sparse):
+    torch.manual_seed(5)
+    student, teacher = torch.randn(20, 300) * 3, torch.randn(20, 300) * 3
+    targets = torch.randint(0, 300, (20,))
+    rows = teacher_topk(teacher, 12, temperature) if sparse else torch.log_softmax(teacher / temperature, -1)
+    apart_in, joint_in = student.clone().requires_grad_(), student.clone().requires_grad_()
+    kl_apart = kl_topk_sum(apart_in, rows, temperature) if sparse else kl_full_sum(apart_in, rows, temperature)
+    ce_apart = F.cross_entropy(apart_in, targets, reduction="sum")
+    kl, ce = kl_and_ce_sums(joint_in, rows, temperature, targets)
+    torch.testing.assert_close((kl, ce), (kl_apart, ce_apart), rtol=1e-5, atol=1e-5)
+    (0.3 * kl + 0.7 * ce).backward(), (0.3 * kl_apart + 0.7 * ce_apart).backward()
+    torch.testing.assert_close(joint_in.grad, apart_in.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_topk_kl_is_the_kl_of_the_k_plus_one_bucket_distributions():
