@@ -179,7 +179,8 @@ def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, t
               "route": target.route, "depth_share": target.depth_share if target.route == "mixed" else None,
               "ratio": speed.ratio, "remove_blocks": speed.remove_blocks,
               "predicted_speedup": speed.predicted_speedup, "dense_ms": speed.dense_ms, "pruned_ms": speed.pruned_ms,
-              "own_widths": ("timed beside the full width, kept in llm-bip's timing cache" if table.cache_file
+              "own_widths": ("timed beside the full width where the table had no point at them (kept in "
+                             "llm-bip's timing cache)" if table.cache_file
                              else "not timed: the timing table given is used as it is"),
               # the plans before the plan's own widths were timed (the grid's first): what timing them changed
               "plans_before_timing_own_widths": [{"ratio": e.ratio, "remove_blocks": e.remove_blocks,

@@ -13,8 +13,9 @@ a copy of the model by each, and keeps the one whose prune reads the lowest perp
 text held out from the calibration samples (docs/results.md §9 measured that no one route is best for
 quality at every speed; which is depends on the model).
 
-Which blocks and which channels go is still decided by the scores during the prune; the planner only
-decides how many. Removed blocks are predicted as the last prunable ones: every block of the supported
+plan_speed_refined then has the plan's own widths timed (timing.refine) and plans again, so that the plan
+does not rest on the interpolation between the grid's widths. Which blocks and which channels go is still
+decided by the scores during the prune; the planner only decides how many. Removed blocks are predicted as the last prunable ones: every block of the supported
 models has the same shape, so which ones go does not change the time.
 """
 
