@@ -381,3 +381,28 @@ def test_a_cached_table_gains_the_plans_own_widths_and_a_given_one_stays_as_it_i
     assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width", "--timing-table", str(given)) == 0
     speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]
     assert speed["own_widths"].startswith("not timed") and given.read_text() == before
+
+
+def test_mixed_route_finds_the_smallest_ratio_where_a_whole_block_costs_speed():
+    """Where a block's parameters buy less time than channels do, the predicted speed-up falls where the plan's
+    block count steps up (the widths give back what the block takes). Bisection over the whole range then lands
+    past the step; the planner searches each stretch of one block count in turn."""
+    from llm_bip.pipeline import depth_parameters, plan_widths
+
+    c, config = costs(), PruneConfig()
+    # A block costs 0.05 ms a channel plus 0.01 ms a head, nothing fixed: 5.08 ms for 320 parameters, where
+    # 3 parameters' channel costs 0.05 ms (5.33 ms for 320).
+    table = TimingTable(KEY, 0.5, [(BlockWidths(h, kv, ch), 0.05 * ch + 0.01 * h)
+                                   for h, kv in ((8, 2), (4, 1)) for ch in (10, 50, 100)])
+    base, dense = counts(c)["non_embedding"], table.model_ms([FULL] * 10)
+
+    def speedup(ratio: float, blocks: int) -> float:
+        removed = list(range(10 - blocks, 10))
+        widths = plan_widths(c, round(ratio * base) - depth_parameters(c, removed), config, None, removed)
+        return dense / table.model_ms([w for i, w in enumerate(widths) if i not in removed])
+
+    speed = plan_speed(c, counts(c), config, table, SpeedTarget(1.11, route="mixed", depth_share=0.5))
+    first_step = 0.5 * c[0].total(FULL) / (0.5 * base)  # from here on the mixed plan takes one whole block
+    assert speed.remove_blocks == 0 and speed.ratio < first_step and speed.predicted_speedup >= 1.11
+    assert speedup(first_step, 1) < 1.11  # just past the step the target is missed again
+    assert speedup(round(speed.ratio - 1e-4, 4), 0) < 1.11  # and one step less than the plan misses it

@@ -114,30 +114,46 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
                 return plan(None, blocks, speedup)
         _unreachable(target, predict(None, len(candidates) - 1), f"removing {len(candidates) - 1} blocks")
 
+    per_block = depth_parameters(costs, candidates[-1:])
+
     def blocks_for(ratio: float) -> int:
         if target.route == "width":
             return 0
-        per_block = depth_parameters(costs, candidates[-1:])
         return min(len(candidates) - 1, math.floor(target.depth_share * ratio * base / per_block + 0.5))
 
     def meets(ratio: float) -> float | None:
         speedup = predict(ratio, blocks_for(ratio))
         return speedup if speedup is not None and speedup >= target.speedup else None
 
-    low, high = 0.0, 1.0 - RATIO_STEP
-    while high > low and predict(high, blocks_for(high)) is None:  # the most this route can remove
+    high = 1.0 - RATIO_STEP
+    while high > 0 and predict(high, blocks_for(high)) is None:  # the most this route can remove
         high = round(high - 0.01, 4)
-    if high <= 0 or meets(high) is None:
-        _unreachable(target, predict(high, blocks_for(high)) if high > 0 else None, f"removing {high:.0%}")
+    # Where the number of whole blocks steps up (mixed), the widths give back what the block takes, so the
+    # predicted speed-up can fall: it rises with the ratio only between the steps. So each stretch of one block
+    # count is searched in turn, from the smallest ratio up, and the first that reaches the target has the answer.
+    steps = [] if target.route == "width" else [
+        (b - 0.5) * per_block / (target.depth_share * base) for b in range(1, len(candidates))]
+    edges = [0.0, *(r for r in steps if 0 < r <= high), high + RATIO_STEP]
+    for start, end in zip(edges, edges[1:], strict=False):
+        top = round(math.floor((end - 1e-9) / RATIO_STEP) * RATIO_STEP, 4)  # this stretch's largest ratio
+        if top >= start and meets(top) is not None:
+            ratio = _smallest_meeting(meets, start, top)
+            return plan(ratio, blocks_for(ratio), meets(ratio))
+    _unreachable(target, predict(high, blocks_for(high)) if high > 0 else None, f"removing {high:.0%}")
+
+
+def _smallest_meeting(meets: Callable[[float], float | None], low: float, top: float) -> float:
+    """The smallest ratio on the RATIO_STEP grid in [low, top] that meets the target, where `top` does and the
+    speed-up rises with the ratio: bisection, then a step up at a time from where it stopped (whole channels
+    per block make the predicted speed-up a staircase, not exactly monotone)."""
+    high = top
     while high - low > RATIO_STEP:
         middle = round((low + high) / 2, 6)
         low, high = (low, middle) if meets(middle) is not None else (middle, high)
-    ratio = math.ceil(high / RATIO_STEP - 1e-9) * RATIO_STEP
-    speedup = meets(ratio)
-    while speedup is None:  # the interpolated times are not exactly monotone: step up until the target holds
+    ratio = round(math.ceil(low / RATIO_STEP - 1e-9) * RATIO_STEP, 4)  # the first grid ratio from `low` on
+    while ratio < top and meets(ratio) is None:
         ratio = round(ratio + RATIO_STEP, 4)
-        speedup = meets(ratio)
-    return plan(round(ratio, 4), blocks_for(ratio), speedup)
+    return min(ratio, top)
 
 
 # Plan, time the plan's own shapes, plan again: at most this many timings (a plan that moves after its shape
