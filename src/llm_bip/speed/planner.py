@@ -15,8 +15,9 @@ quality at every speed; which is depends on the model).
 
 plan_speed_refined then has the plan's own widths timed (timing.refine) and plans again, so that the plan
 does not rest on the interpolation between the grid's widths. Which blocks and which channels go is still
-decided by the scores during the prune; the planner only decides how many. Removed blocks are predicted as the last prunable ones: every block of the supported
-models has the same shape, so which ones go does not change the time.
+decided by the scores during the prune; the planner only decides how many. Removed blocks are predicted as
+the last prunable ones: every block of the supported models has the same shape, so which ones go does not
+change the time.
 """
 
 from __future__ import annotations
@@ -84,10 +85,17 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
     candidates = config.depth_candidates(len(costs))
     dense_ms = table.model_ms([c.widths for c in costs])
 
-    def predict(ratio: float | None, blocks: int) -> float | None:
-        """Predicted speed-up of `blocks` whole blocks plus widths for the rest of `ratio` (None: impossible)."""
+    def plan(ratio: float | None, blocks: int) -> SpeedPlan | None:
+        """`blocks` whole blocks plus widths for the rest of `ratio`, with its predicted time (None: impossible)."""
         kept = kept_widths(ratio, blocks)
-        return dense_ms / table.model_ms(kept) if kept is not None else None
+        if kept is None:
+            return None
+        pruned_ms = table.model_ms(kept)
+        return SpeedPlan(ratio, blocks, dense_ms / pruned_ms, dense_ms, pruned_ms, tuple(kept))
+
+    def predict(ratio: float | None, blocks: int) -> float | None:
+        planned = plan(ratio, blocks)
+        return planned.predicted_speedup if planned is not None else None
 
     def kept_widths(ratio: float | None, blocks: int) -> list[BlockWidths] | None:
         removed = candidates[len(candidates) - blocks:] if blocks else []
@@ -104,14 +112,11 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
                 return None
         return [widths[i] for i in kept]
 
-    def plan(ratio: float | None, blocks: int, speedup: float) -> SpeedPlan:
-        return SpeedPlan(ratio, blocks, speedup, dense_ms, dense_ms / speedup, tuple(kept_widths(ratio, blocks)))
-
     if target.route == "depth":
         for blocks in range(1, len(candidates)):
-            speedup = predict(None, blocks)
-            if speedup is not None and speedup >= target.speedup:
-                return plan(None, blocks, speedup)
+            planned = plan(None, blocks)
+            if planned.predicted_speedup >= target.speedup:
+                return planned
         _unreachable(target, predict(None, len(candidates) - 1), f"removing {len(candidates) - 1} blocks")
 
     per_block = depth_parameters(costs, candidates[-1:])
@@ -121,9 +126,9 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
             return 0
         return min(len(candidates) - 1, math.floor(target.depth_share * ratio * base / per_block + 0.5))
 
-    def meets(ratio: float) -> float | None:
-        speedup = predict(ratio, blocks_for(ratio))
-        return speedup if speedup is not None and speedup >= target.speedup else None
+    def meets(ratio: float) -> SpeedPlan | None:
+        planned = plan(ratio, blocks_for(ratio))
+        return planned if planned is not None and planned.predicted_speedup >= target.speedup else None
 
     high = 1.0 - RATIO_STEP
     while high > 0 and predict(high, blocks_for(high)) is None:  # the most this route can remove
@@ -137,23 +142,22 @@ def plan_speed(costs: list[BlockCosts], counts: dict, config: PruneConfig, table
     for start, end in zip(edges, edges[1:], strict=False):
         top = round(math.floor((end - 1e-9) / RATIO_STEP) * RATIO_STEP, 4)  # this stretch's largest ratio
         if top >= start and meets(top) is not None:
-            ratio = _smallest_meeting(meets, start, top)
-            return plan(ratio, blocks_for(ratio), meets(ratio))
+            return _smallest_meeting(meets, start, top)
     _unreachable(target, predict(high, blocks_for(high)) if high > 0 else None, f"removing {high:.0%}")
 
 
-def _smallest_meeting(meets: Callable[[float], float | None], low: float, top: float) -> float:
-    """The smallest ratio on the RATIO_STEP grid in [low, top] that meets the target, where `top` does and the
-    speed-up rises with the ratio: bisection, then a step up at a time from where it stopped (whole channels
-    per block make the predicted speed-up a staircase, not exactly monotone)."""
+def _smallest_meeting(meets: Callable[[float], SpeedPlan | None], low: float, top: float) -> SpeedPlan:
+    """The plan at the smallest ratio on the RATIO_STEP grid in [low, top] that meets the target, where `top` does
+    and the speed-up rises with the ratio: bisection, then a step up at a time from where it stopped (whole
+    channels per block make the predicted speed-up a staircase, not exactly monotone)."""
     high = top
     while high - low > RATIO_STEP:
         middle = round((low + high) / 2, 6)
         low, high = (low, middle) if meets(middle) is not None else (middle, high)
     ratio = round(math.ceil(low / RATIO_STEP - 1e-9) * RATIO_STEP, 4)  # the first grid ratio from `low` on
-    while ratio < top and meets(ratio) is None:
+    while (planned := meets(min(ratio, top))) is None:
         ratio = round(ratio + RATIO_STEP, 4)
-    return min(ratio, top)
+    return planned
 
 
 # Plan, time the plan's own shapes, plan again: at most this many timings (a plan that moves after its shape
