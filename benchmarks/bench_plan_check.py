@@ -28,7 +28,7 @@ from llm_bip.devices import resolve_device
 from llm_bip.speed.timing import time_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import SHAPES, build, targeted  # noqa: E402
+from bench_speed import SHAPES, build, shapes_for, targeted  # noqa: E402
 
 PROMPT = 128
 
@@ -48,11 +48,8 @@ def main() -> None:
               "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
         plans = targeted(args.model, args.target_speedup, [mode], device)
-        dense = {"plan": "dense", "blocks": SHAPES[args.model]["num_hidden_layers"],
-                 "widths": {"num_attention_heads": SHAPES[args.model]["num_attention_heads"],
-                            "num_key_value_heads": SHAPES[args.model]["num_key_value_heads"],
-                            "intermediate_size": SHAPES[args.model]["intermediate_size"]}}
-        everything = [dense, *plans, {**dense, "plan": "dense, a second copy"}]
+        dense, again = shapes_for(args.model, [])
+        everything = [dense, *plans, {**again, "plan": "dense, a second copy"}]
         models = [build(args.model, plan, device) for plan in everything]
         times: list[list[float]] = [[] for _ in everything]
         for r in range(args.rounds):
