@@ -84,15 +84,22 @@ class TimingTable:
     def block_ms(self, widths: BlockWidths) -> float:
         """One block's time at `widths`: piecewise linear in the FFN channels along each measured head level,
         then linear in the query heads between the two nearest levels (extrapolated beyond them)."""
-        levels = sorted({w.num_heads for w, _ in self.points})
-        curves = {h: sorted((w.channels, ms) for w, ms in self.points if w.num_heads == h) for h in levels}
-        if len(levels) == 1:
-            return _interpolate(curves[levels[0]], widths.channels)
+        lower, upper = self._head_levels(widths.num_heads)
+        curves = {h: sorted((w.channels, ms) for w, ms in self.points if w.num_heads == h) for h in (lower, upper)}
+        if lower == upper:
+            return _interpolate(curves[lower], widths.channels)
         heads = widths.num_heads
-        upper = next((h for h in levels[1:] if h >= heads), levels[-1])
-        lower = levels[levels.index(upper) - 1]
         t_low, t_up = _interpolate(curves[lower], widths.channels), _interpolate(curves[upper], widths.channels)
         return max(0.0, t_low + (t_up - t_low) * (heads - lower) / (upper - lower))
+
+    def _head_levels(self, heads: int) -> tuple[int, int]:
+        """The two measured query-head levels block_ms draws on for `heads` (the nearest, or the end two where
+        it extrapolates); the one level twice where only one was measured."""
+        levels = sorted({w.num_heads for w, _ in self.points})
+        if len(levels) == 1:
+            return levels[0], levels[0]
+        upper = next((h for h in levels[1:] if h >= heads), levels[-1])
+        return levels[levels.index(upper) - 1], upper
 
     def model_ms(self, blocks: list[BlockWidths]) -> float:
         """One pass of a model whose kept blocks have these widths."""
@@ -106,15 +113,12 @@ class TimingTable:
         """The shapes to time so that `widths`' prediction rests on points measured at its own FFN width: on
         each head level block_ms draws on (with a weight above 0), `widths`' channels, unless a point lies
         within `tolerance` of the full width's channels of them."""
-        levels = sorted({(w.num_heads, w.num_kv_heads) for w, _ in self.points})
-        heads = [h for h, _ in levels]
-        if len(levels) == 1 or widths.num_heads in heads:
-            used = [levels[heads.index(widths.num_heads)] if widths.num_heads in heads else levels[0]]
-        else:
-            upper = next((i for i in range(1, len(heads)) if heads[i] >= widths.num_heads), len(heads) - 1)
-            used = [levels[upper - 1], levels[upper]]
+        lower, upper = self._head_levels(widths.num_heads)
+        # a level's weight in block_ms is 0 where `widths` has exactly the other level's heads
+        used = [h for h, other in ((lower, upper), (upper, lower)) if widths.num_heads != other or lower == upper]
+        kv_heads = {w.num_heads: w.num_kv_heads for w, _ in self.points}
         near = max(1, round(tolerance * self.key.channels))
-        return [BlockWidths(h, kv, widths.channels) for h, kv in used
+        return [BlockWidths(h, kv_heads[h], widths.channels) for h in dict.fromkeys(used)
                 if not any(w.num_heads == h and abs(w.channels - widths.channels) <= near for w, _ in self.points)]
 
     def add_point(self, widths: BlockWidths, ms: float, note: dict) -> None:
