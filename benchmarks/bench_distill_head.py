@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_bip.recovery.config import DistillConfig
-from llm_bip.recovery.distill import TopK, distill_sums
+from llm_bip.recovery.distill import distill_sums, teacher_topk
 
 POSITIONS, HIDDEN, VOCAB, TOP_K, REPEATS = 2048, 576, 49152, 64, 5
 
@@ -35,9 +35,8 @@ def main() -> None:
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.bfloat16) * 0.05
     hidden = torch.randn(POSITIONS, HIDDEN, requires_grad=True)
     targets = torch.randint(0, VOCAB, (POSITIONS,))
-    teacher = F.log_softmax(torch.randn(POSITIONS, VOCAB) * 3, -1)
-    values, indices = teacher.topk(TOP_K, -1)
-    top = TopK(values, indices, teacher.scatter(-1, indices, float("-inf")).logsumexp(-1))
+    teacher_logits = torch.randn(POSITIONS, VOCAB) * 3
+    teacher, top = F.log_softmax(teacher_logits, -1), teacher_topk(teacher_logits, TOP_K, 1.0)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16)

@@ -271,7 +271,6 @@ def test_cli_speed_target_errors(cli_model, tmp_path, flags, message, capsys):
     assert not (tmp_path / "out").exists()
 
 
-
 # ----------------------------------------------------------------------------- a plan's own widths, timed
 
 
