@@ -15,8 +15,8 @@ runs first and last, so drift over the run shows. With `--predict`, the speed pl
 (llm_bip.speed.timing, the same one `prune --target-speedup` uses) predicts each shape's speed-up too.
 With `--target-speedup`, the shapes that `prune --target-speedup` would plan by each route (width, depth,
 mixed) for each of `--target-modes` (batch 1, 128 tokens), from tables timed now and the plans' own widths
-timed as prune times them, are timed as well: whether the planner's promise holds on the device, without pruning a 1B model (the planner decides the shape; which
-blocks and channels go does not change the time).
+timed as prune times them, are timed as well: whether the planner's promise holds on the device, without
+pruning a 1B model (the planner decides the shape; which blocks and channels go does not change the time).
 """
 
 from __future__ import annotations
