@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import TINY_CONFIGS
 from llm_bip.config import PruneConfig
@@ -138,14 +140,14 @@ def test_timing_cancels_a_host_that_drifts_between_shapes(monkeypatch):
 
     seen: list[tuple[int, int]] = []
 
-    def fake_pass(model, mode, batch, seq_len, repeats, device, warm_up=True):
+    def fake_blocks(model, mode, batch, seq_len, repeats, device, warm_up=True):
         shape = (model.config.num_attention_heads, model.config.intermediate_size)
         if shape != (widths.num_heads, widths.channels) and shape not in seen:
             seen.append(shape)  # a new window starts, at a new pace
         pace = 1.0 + 0.1 * (len(seen) % 10)
-        return pace * (fixed_cost + model.config.num_hidden_layers * cost(model.config))
+        return pace * cost(model.config), pace * fixed_cost
 
-    monkeypatch.setattr(timing, "time_pass", fake_pass)
+    monkeypatch.setattr(timing, "time_blocks", fake_blocks)
     table = timing.measure(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "prefill", 1, 16,
                            repeats=2, progress=False)
     full = dict(table.points)[widths]
@@ -168,6 +170,57 @@ def test_timing_keeps_the_fastest_pass():
 
     assert timing.time_pass(Model(), "prefill", 1, 4, 3, torch.device("cpu"), clock=lambda: next(ticks),
                             warm_up=False) == pytest.approx(3.0)
+
+
+def test_blocks_are_timed_inside_the_pass():
+    """The clock is read at each block's edges: a block's time is the fastest between its own two readings, the
+    fixed cost the fastest rest of a pass, whatever else the pass spends (decoding: every step of every repeat)."""
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    class Block(torch.nn.Module):
+        def __init__(self, ms: float):
+            super().__init__()
+            self.ms = ms
+
+        def forward(self, x):
+            now[0] += self.ms / 1000
+            return x
+
+    class Model(torch.nn.Module):
+        config = TINY_CONFIGS["llama"]()
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([Block(4.0), Block(3.0)])
+            self.calls = 0
+
+        def forward(self, ids, use_cache=False, past_key_values=None):
+            self.calls += 1
+            now[0] += (2.0 + self.calls % 3) / 1000  # the rest of the pass: 2-4 ms, 2 at its fastest
+            for layer in self.model.layers:
+                ids = layer(ids)
+            logits = torch.zeros(ids.shape[0], ids.shape[1], 5)
+            return SimpleNamespace(logits=logits, past_key_values=None, cache=None)
+
+    for mode in ("prefill", "decode"):
+        block, fixed = timing.time_blocks(Model(), mode, 1, 4, 3, torch.device("cpu"), clock=clock)
+        assert block == pytest.approx(3.0) and fixed == pytest.approx(2.0)
+
+
+def test_block_timing_reads_a_real_model_of_the_family_and_leaves_no_hooks():
+    """A real (tiny) model of the family, both modes: its blocks are found and timed, and the clock's hooks are
+    gone afterwards (a model timed once must run as before)."""
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers = timing.TIMED_BLOCKS
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for mode in ("prefill", "decode"):
+        block, fixed = timing.time_blocks(model, mode, 1, 16, 2, torch.device("cpu"))
+        assert block > 0 and fixed > 0
+        assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in model.model.layers)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -328,13 +381,13 @@ def test_refine_puts_the_plan_widths_on_the_tables_scale_whatever_the_pace_now(m
     def cost(shape_config) -> float:
         return 0.5 + 0.01 * shape_config.intermediate_size + 0.2 * shape_config.num_attention_heads
 
-    def fake_pass(model, mode, batch, seq_len, repeats, device, warm_up=True, pace=1.0):
-        return pace * (3.0 + model.config.num_hidden_layers * cost(model.config))
+    def fake_blocks(model, mode, batch, seq_len, repeats, device, warm_up=True, pace=1.0):
+        return pace * cost(model.config), pace * 3.0
 
-    monkeypatch.setattr(timing, "time_pass", fake_pass)
+    monkeypatch.setattr(timing, "time_blocks", fake_blocks)
     table = timing.measure(config, "llama", widths, 8, torch.float32, torch.device("cpu"), "prefill", 1, 16,
                            repeats=2, progress=False)
-    monkeypatch.setattr(timing, "time_pass", lambda *a, **k: fake_pass(*a, **k, pace=1.7))
+    monkeypatch.setattr(timing, "time_blocks", lambda *a, **k: fake_blocks(*a, **k, pace=1.7))
     shape = BlockWidths(6, 2, 61)
     timing.refine(table, config, [shape], 8, torch.float32, torch.device("cpu"), repeats=2, progress=False)
     full = dict(table.points)[widths]
@@ -352,9 +405,9 @@ def test_a_cached_table_gains_the_plans_own_widths_and_a_given_one_stays_as_it_i
         """A clock by which every block costs what the fake table's line says (a tiny model's real passes time as
         noise): the timed widths land on the line, so the plan stays where it is once they are timed."""
         c = model.config
-        return 4.0 + c.num_hidden_layers * (1 + 0.02 * c.intermediate_size + 0.1 * c.num_attention_heads)
+        return 1 + 0.02 * c.intermediate_size + 0.1 * c.num_attention_heads, 4.0
 
-    monkeypatch.setattr(timing, "time_pass", on_the_tables_line)
+    monkeypatch.setattr(timing, "time_blocks", on_the_tables_line)
     out = tmp_path / "first"
     assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width") == 0
     speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]

@@ -3,8 +3,9 @@
 Speed does not follow parameter counts (a 135M model decoding one token at a time on a CPU is bound by
 per-operator overhead, a wide FFN by arithmetic), so the speed planner asks the device. A small model
 of the family is built with random weights at each grid shape (query heads x KV heads x FFN channels),
-in the weights' dtype and on the device, and timed with 3 blocks and with 1: the difference is two
-blocks' time, the rest is the fixed cost (embeddings, final norm, output layer, the framework's own).
+in the weights' dtype and on the device, with two blocks, and each block is timed inside the model's pass
+(the clock read at its entry and exit); the rest of the pass is the fixed cost (embeddings, final norm,
+output layer, the framework's own).
 Prefill is one forward pass over `batch` x `seq_len` tokens; decode is one token per sequence with a
 KV cache of `seq_len` tokens. The table is cached by everything that decides it (family, shapes, dtype,
 device, torch version, mode, batch, length), so each device times a model shape once.
@@ -33,13 +34,15 @@ from llm_bip.widths import BlockWidths
 
 log = logging.getLogger(__name__)
 
-TIMING_FORMAT = "llm-bip-timing/3"  # /3: each shape paired with the full-width reference (/2: fastest of paired
-# passes, shapes one after the other; /1: medians, timed one model after the other)
+TIMING_FORMAT = "llm-bip-timing/4"  # /4: each block timed inside the pass (/3: block time from the difference
+# of passes with 3 blocks and 1, each shape paired with the full-width reference; /2: fastest of paired passes,
+# shapes one after the other; /1: medians, timed one model after the other)
 MODES = ("prefill", "decode")
 CHANNEL_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
-# Blocks in the two timed models: their difference is what blocks cost, the rest is fixed.
-FEW_BLOCKS, MORE_BLOCKS = 1, 3
+# Blocks in a timed model: each is timed, the fastest counts (two, so that no one block's place decides).
+TIMED_BLOCKS = 2
 REPEATS = 5
+DECODE_STEPS = 8  # decoding steps timed per pass of a decode timing
 # A plan's own shapes (refine): timed in twice the grid's rounds, since their points decide the plan; a point
 # within 0.5% of the full width's channels of a plan's width counts as its own (the grid's steps are 10-25%).
 REFINE_REPEATS, REFINE_TOLERANCE = 10, 0.005
@@ -233,35 +236,76 @@ def time_pass(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repea
               clock: Callable[[], float] = time.perf_counter, warm_up: bool = True) -> float:
     """Milliseconds of one pass, the fastest of `repeats` (the host's other work only ever slows a pass down,
     so the minimum is the least noisy estimate): prefill over batch x seq_len tokens, or one decoding step
-    per sequence with a KV cache of seq_len tokens (the fastest of 8 steps in each repeat)."""
+    per sequence with a KV cache of seq_len tokens (the fastest of DECODE_STEPS steps in each repeat)."""
+    return min(seconds for seconds, _ in _timed_passes(model, mode, batch, seq_len, repeats, device, clock,
+                                                        warm_up)) * 1000
+
+
+def time_blocks(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repeats: int, device: torch.device,
+                clock: Callable[[], float] = time.perf_counter, warm_up: bool = True) -> tuple[float, float]:
+    """(Milliseconds of one block, milliseconds of the rest of a pass), each the fastest of `repeats` passes
+    as time_pass runs them: the clock is read as each of the model's blocks starts and ends.
+
+    Timing a block inside the pass instead of as the difference between passes with more blocks and fewer
+    takes the noise of two whole passes out of it: on this project's CPU host that difference moved a decoding
+    block's time by up to 30% between timings, the direct reading by at most 4% (docs/results.md §9). The
+    clock waits for the device at each block's edges (synchronize), so on a GPU a block's time includes the
+    launch of its kernels, which a pass without the clock overlaps with the block before."""
+    stamps: list[float] = []
+
+    def stamp(*_):
+        synchronize(device)
+        stamps.append(clock())
+
+    layers = list(model.model.layers)
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(stamp), layer.register_forward_hook(stamp))]
+    try:
+        passes = _timed_passes(model, mode, batch, seq_len, repeats, device, clock, warm_up, stamps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    blocks = [[ends - starts for starts, ends in zip(edges[::2], edges[1::2], strict=True)] for _, edges in passes]
+    if any(len(b) != len(layers) for b in blocks):
+        raise LlmBipError(f"timing expected each of the model's {len(layers)} blocks to run once per pass")
+    return (min(min(b) for b in blocks) * 1000,
+            max(0.0, min(seconds - sum(b) for (seconds, _), b in zip(passes, blocks, strict=True)) * 1000))
+
+
+def _timed_passes(model: torch.nn.Module, mode: str, batch: int, seq_len: int, repeats: int, device: torch.device,
+                  clock: Callable[[], float], warm_up: bool, stamps: list[float] | None = None
+                  ) -> list[tuple[float, list[float]]]:
+    """(Seconds, the clock readings `stamps` gathered during it) of each timed pass: one prefill pass per repeat,
+    or DECODE_STEPS decoding steps per repeat after a prefill that fills the KV cache (untimed)."""
     vocab = model.config.vocab_size
     # transformers renamed the KV cache argument from past_key_values to cache (5.2x; the old name goes in 5.40)
     cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    stamps = [] if stamps is None else stamps
 
-    samples = []
+    def timed(run: Callable[[], object]) -> tuple[object, tuple[float, list[float]]]:
+        synchronize(device)
+        stamps.clear()
+        start = clock()
+        out = run()
+        synchronize(device)
+        elapsed = clock() - start
+        return out, (elapsed, list(stamps))
+
+    passes = []
     for repeat in range(repeats + warm_up):
         if mode == "prefill":
-            synchronize(device)
-            start = clock()
-            model(ids, use_cache=False)
-            synchronize(device)
-            elapsed = clock() - start
+            this = [timed(lambda: model(ids, use_cache=False))[1]]
         else:
             out = model(ids, use_cache=True)
             cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
-            steps = []
-            for _ in range(8):
-                synchronize(device)
-                start = clock()
-                out = model(token, use_cache=True, **{cache_argument: cache})
-                synchronize(device)
-                steps.append(clock() - start)
+            this = []
+            for _ in range(DECODE_STEPS):
+                out, step = timed(lambda: model(token, use_cache=True, **{cache_argument: cache}))  # noqa: B023
+                this.append(step)
                 cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
-            elapsed = min(steps)
         if repeat or not warm_up:
-            samples.append(elapsed * 1000)
-    return min(samples)
+            passes.extend(this)
+    return passes
 
 
 def _cache_of(output):
@@ -273,56 +317,44 @@ def _cache_of(output):
 class _Windows:
     """Times block shapes of one model family in windows beside the full-width reference (measure, refine).
 
-    A window times a shape's model with more blocks and with fewer (its block list cut), one pass each, in
-    `repeats` rounds, and the full-width reference the same way in the same rounds. A planner divides model
-    times by each other, so what it needs is that shapes compare as if timed at once: on a host whose speed
-    drifts by 10-20% over a minute (docs/results.md §9), shapes timed one after the other do not."""
+    A window times a shape's model (TIMED_BLOCKS blocks; time_blocks), one pass each round, in `repeats`
+    rounds, and the full-width reference the same way in the same rounds. A planner divides model times by
+    each other, so what it needs is that shapes compare as if timed at once: on a host whose speed drifts by
+    10-20% over a minute (docs/results.md §9), shapes timed one after the other do not."""
 
     def __init__(self, config, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
                  mode: str, batch: int, seq_len: int):
         self.config, self.widths, self.head_dim, self.dtype, self.device = config, widths, head_dim, dtype, device
         self.mode, self.batch, self.seq_len = mode, batch, seq_len
         self.reference = self._build(widths)
-        self._time_blocks(self.reference, warm_up=True)  # its first window may come later; it starts warm there
+        self._time(self.reference, warm_up=True)  # its first window may come later; it starts warm there
 
-    def _build(self, shape: BlockWidths, share_with=None):
+    def _build(self, shape: BlockWidths, share_with=None) -> torch.nn.Module:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(shaped_config(self.config, shape, self.head_dim, MORE_BLOCKS),
+        model = AutoModelForCausalLM.from_config(shaped_config(self.config, shape, self.head_dim, TIMED_BLOCKS),
                                                  dtype=self.dtype)
         if share_with is not None:  # the embedding and output layer do not depend on the block shape: one copy
             model.set_input_embeddings(share_with.get_input_embeddings())
             model.set_output_embeddings(share_with.get_output_embeddings())
-        model = model.to(self.device).eval()
-        return model, {MORE_BLOCKS: model.model.layers, FEW_BLOCKS: model.model.layers[:FEW_BLOCKS]}
+        return model.to(self.device).eval()
 
-    def _time_blocks(self, built, warm_up: bool) -> dict[int, float]:
-        model, layers = built
-        passes = {}
-        for count in (MORE_BLOCKS, FEW_BLOCKS):
-            model.model.layers, model.config.num_hidden_layers = layers[count], count
-            passes[count] = time_pass(model, self.mode, self.batch, self.seq_len, 1, self.device, warm_up=warm_up)
-        return passes
-
-    @staticmethod
-    def _split(times: dict[int, list[float]]) -> tuple[float, float]:
-        """(ms per block, fixed ms) from the fastest pass with each block count."""
-        more, few = min(times[MORE_BLOCKS]), min(times[FEW_BLOCKS])
-        block = max(0.0, (more - few) / (MORE_BLOCKS - FEW_BLOCKS))
-        return block, few - FEW_BLOCKS * block
+    def _time(self, model: torch.nn.Module, warm_up: bool) -> tuple[float, float]:
+        return time_blocks(model, self.mode, self.batch, self.seq_len, 1, self.device, warm_up=warm_up)
 
     def window(self, shape: BlockWidths, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
-        """(the shape's block and fixed ms, the reference's beside it), each from its fastest passes."""
-        built = self.reference if shape == self.widths else self._build(shape, share_with=self.reference[0])
-        times: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
-        beside: dict[int, list[float]] = {MORE_BLOCKS: [], FEW_BLOCKS: []}
+        """(the shape's block and fixed ms, the reference's beside it), each the fastest of its rounds."""
+        model = self.reference if shape == self.widths else self._build(shape, share_with=self.reference)
+        own, beside = [], []
         for repeat in range(repeats):
-            for count, ms in self._time_blocks(built, warm_up=repeat == 0).items():
-                times[count].append(ms)
-            if built is not self.reference:
-                for count, ms in self._time_blocks(self.reference, warm_up=False).items():
-                    beside[count].append(ms)
-        own = self._split(times)
-        return own, own if built is self.reference else self._split(beside)
+            own.append(self._time(model, warm_up=repeat == 0))
+            if model is not self.reference:
+                beside.append(self._time(self.reference, warm_up=False))
+        return _fastest(own), _fastest(beside or own)
+
+
+def _fastest(rounds: list[tuple[float, float]]) -> tuple[float, float]:
+    """The fastest block and the fastest rest of a pass over (block ms, fixed ms) rounds."""
+    return min(block for block, _ in rounds), min(fixed for _, fixed in rounds)
 
 
 def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -330,7 +362,7 @@ def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torc
     """Time the grid of block shapes around `widths` (the model's full widths) on `device`.
 
     Each shape is timed in a window of its own beside the full-width reference (_Windows). A shape keeps its
-    fastest passes, and its block and fixed times are divided by the reference's block time in the same
+    fastest block and rest of a pass, and these are divided by the reference's block time in the same
     window and multiplied by the reference's median over all windows."""
     from tqdm.auto import tqdm
 
@@ -349,10 +381,10 @@ def measure(config, family: str, widths: BlockWidths, head_dim: int, dtype: torc
         speeds.append(round(speed, 4))
     details = {"seconds": time.perf_counter() - started, "repeats": repeats, "fixed_ms_per_shape": fixed[::2],
                "window_pace": speeds,
-               "method": f"per shape, {repeats} rounds of one pass with {MORE_BLOCKS} blocks and one with "
-                         f"{FEW_BLOCKS}, and the same for the full-width reference beside it; fastest passes; "
-                         "block = difference / 2, fixed = the rest; both divided by the window's pace (the "
-                         "reference's block time there over its median over all windows); fixed: median"}
+               "method": f"per shape, {repeats} rounds of one pass of a {TIMED_BLOCKS}-block model, and the same "
+                         "for the full-width reference beside it; block = the fastest block timed inside a pass, "
+                         "fixed = the fastest rest of a pass; both divided by the window's pace (the reference's "
+                         "block time there over its median over all windows); fixed: median"}
     return TimingTable(key, max(0.0, statistics.median(fixed)), points, details)
 
 
