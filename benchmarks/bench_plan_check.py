@@ -7,10 +7,11 @@ timed as whole models against dense with the timing table's own method, over man
 bench_speed.py times each plan once per round (one prefill pass, one generate call) and takes the median of
 the rounds' ratios to dense: on this project's shared CPU host that moves by 5-10% between runs. Here, per
 target pass (prefill and decode at batch 1, 128 tokens): the tables are timed and the plans made as `prune
---target-speedup` makes them (bench_speed.targeted: the plan's own widths timed), then dense, a second dense
-copy and each route's plan are built (random weights, the family's stock class, bf16) and timed with
-`timing.time_pass` (the fastest of one pass per round, decode the fastest of 8 steps) in `--rounds` rounds, the
-order rotated; the figure is the median over rounds of dense's time over the plan's in the same round.
+--target-speedup` makes them (bench_speed.targeted: the plan's own widths timed; prune's margin unless
+`--speed-margin` is given), then dense, a second dense copy and each route's plan are built (random weights,
+the family's stock class, bf16) and timed with `timing.time_pass` (the fastest of one pass per round, decode
+the fastest of 8 steps) in `--rounds` rounds, the order rotated; the figure is the median over rounds of
+dense's time over the plan's in the same round.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
     parser.add_argument("--target-speedup", type=float, default=1.2)
+    parser.add_argument("--speed-margin", type=float, help="the planner's margin (default: prune's)")
     parser.add_argument("--modes", nargs="+", default=["prefill", "decode"])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--device", default="cpu")
@@ -47,7 +49,7 @@ def main() -> None:
     result = {"command": "python benchmarks/bench_plan_check.py " + " ".join(sys.argv[1:]), "model": args.model,
               "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
-        plans = targeted(args.model, args.target_speedup, [mode], device)
+        plans = targeted(args.model, args.target_speedup, [mode], device, args.speed_margin)
         dense, again = shapes_for(args.model, [])
         everything = [dense, *plans, {**again, "plan": "dense, a second copy"}]
         models = [build(args.model, plan, device) for plan in everything]

@@ -94,10 +94,13 @@ def shapes_for(name: str, ratios: list[float]) -> list[dict]:
     return plans
 
 
-def targeted(name: str, speedup: float, modes: list[str], device: torch.device) -> list[dict]:
+def targeted(name: str, speedup: float, modes: list[str], device: torch.device, margin: float | None = None
+             ) -> list[dict]:
     """Per target mode and route: the shape the speed planner plans for `speedup` on this device (a timing
-    table timed now), with its predicted speed-up."""
-    from llm_bip.speed.planner import PLANNED_ROUTES, SpeedTarget, plan_speed_refined
+    table timed now) with `margin` (None: prune's default), with its predicted speed-up."""
+    from llm_bip.speed.planner import DEFAULT_MARGIN, PLANNED_ROUTES, SpeedTarget, plan_speed_refined
+
+    margin = DEFAULT_MARGIN if margin is None else margin
     from llm_bip.speed.timing import refine, timing_table
 
     config = base_config(name)
@@ -111,13 +114,14 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device) 
             # as `prune --target-speedup` plans with its cached table: the plan's own widths timed, planned again
             started = time.perf_counter()
             planned, earlier = plan_speed_refined(
-                costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route),
+                costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route, margin=margin),
                 functools.partial(refine, table, config, head_dim=config.head_dim, dtype=torch.bfloat16, device=device,
                                   progress=False))
             # The ratio counts against the planner's base (the model's non-embedding parameters).
             widths, removed_share = shape_after(costs, planned.ratio, planned.remove_blocks, counts["non_embedding"])
             plans.append({"plan": f"{route} for {speedup:g}x {mode}", "route": route, "target": speedup,
-                          "target_mode": mode, "ratio": planned.ratio, "blocks": len(costs) - planned.remove_blocks,
+                          "target_mode": mode, "margin": margin, "ratio": planned.ratio,
+                          "blocks": len(costs) - planned.remove_blocks,
                           "widths": widths.to_json(), "removed_non_embedding": removed_share,
                           "planned_speedup": planned.predicted_speedup, "timing_seconds": grid_seconds,
                           "plans_before_timing_own_widths": [

@@ -49,22 +49,22 @@ def test_interpolation_is_exact_on_a_linear_table():
 def test_depth_route_takes_the_fewest_blocks_that_meet_the_target():
     # Dense: 10 + 10 * 5 = 60 ms. n blocks removed: 60 / (60 - 5n) >= 1.5  <=>  n >= 4.
     c = costs()
-    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth"))
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth", margin=0))
     assert (speed.ratio, speed.remove_blocks) == (None, 4)
     assert speed.predicted_speedup == pytest.approx(1.5) and speed.pruned_ms == pytest.approx(40.0)
-    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.6, route="depth"))
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.6, route="depth", margin=0))
     assert speed.remove_blocks == 5 and speed.predicted_speedup == pytest.approx(60 / 35)
 
 
 def test_width_route_finds_the_smallest_ratio_that_meets_the_target():
     c = costs()
     config = PruneConfig()  # channels only (head ratio 0) at these ratios
-    speed = plan_speed(c, counts(c), config, fake_table(), SpeedTarget(1.25, route="width"))
+    speed = plan_speed(c, counts(c), config, fake_table(), SpeedTarget(1.25, route="width", margin=0))
     assert speed.remove_blocks == 0 and speed.predicted_speedup >= 1.25
     # 60 / 1.25 = 48 ms: each block sheds 1.2 ms = 60 channels = 180 of its 320 parameters (0.5625), and
     # the uniform allocation rounds to whole channels per block, so from 59.5 channels (0.5578) on.
     assert speed.ratio == pytest.approx(0.5578, abs=2e-4)
-    below = plan_speed(c, counts(c), config, fake_table(), SpeedTarget(1.2, route="width"))
+    below = plan_speed(c, counts(c), config, fake_table(), SpeedTarget(1.2, route="width", margin=0))
     assert below.ratio < speed.ratio
     # One step less than the chosen ratio no longer meets the target.
     from llm_bip.pipeline import plan_widths
@@ -75,13 +75,32 @@ def test_width_route_finds_the_smallest_ratio_that_meets_the_target():
 
 def test_mixed_route_takes_its_share_from_whole_blocks():
     c = costs()
-    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="mixed", depth_share=0.5))
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="mixed", depth_share=0.5, margin=0))
     assert speed.remove_blocks >= 1 and speed.ratio is not None and speed.predicted_speedup >= 1.5
     per_block = c[0].total(FULL)
     share = speed.remove_blocks * per_block / (speed.ratio * counts(c)["non_embedding"])
     assert share == pytest.approx(0.5, abs=per_block / (speed.ratio * counts(c)["non_embedding"]))
     planned = speed.config(PruneConfig())
     assert planned.ratio == speed.ratio and planned.remove_blocks == speed.remove_blocks
+
+
+def test_the_margin_plans_above_the_target():
+    """A 5% margin plans for 1.5 x 1.05 = 1.575: 60 / (60 - 5n) >= 1.575 needs n >= 4.38, so 5 blocks, where the
+    target alone takes 4; the margin is checked, and it is named where the aim is out of reach."""
+    c = costs()
+    target = SpeedTarget(1.5, route="depth")
+    assert target.margin == 0.05 and target.aim == pytest.approx(1.575)
+    assert plan_speed(c, counts(c), PruneConfig(), fake_table(), target).remove_blocks == 5
+    assert plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth", margin=0)
+                      ).remove_blocks == 4
+    for margin in (-0.1, 1.0):
+        with pytest.raises(LlmBipError, match="speed margin"):
+            SpeedTarget(1.5, margin=margin).validate()
+    # 9 of 10 blocks give 60 / 15 = 4x; 3.9x is in reach by itself but not with a 5% margin (4.095x)
+    with pytest.raises(LlmBipError, match=r"planned for 4.09x.*lower --target-speedup or --speed-margin"):
+        plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(3.9, route="depth"))
+    assert plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(3.9, route="depth", margin=0)
+                      ).remove_blocks == 9
 
 
 def test_out_of_reach_is_a_clear_error():
@@ -342,7 +361,7 @@ def test_a_plan_that_rests_on_interpolation_is_timed_at_its_own_widths_and_plann
         for shape in shapes:
             table.add_point(shape, humped(shape), {"fake": True})
 
-    target = SpeedTarget(1.1, route="width")  # 60 / 1.1 ms: 73 channels on the grid's line, inside the hump
+    target = SpeedTarget(1.1, route="width", margin=0)  # 60 / 1.1 ms: 73 channels on the grid's line, inside the hump
     grid_plan = plan_speed(c, counts(c), PruneConfig(), fake_table(), target)
     speed, earlier = plan_speed_refined(c, counts(c), PruneConfig(), table, target, time_shapes)
     assert earlier[0] == grid_plan and timed[0] == [grid_plan.kept_widths[0]]
@@ -353,7 +372,7 @@ def test_a_plan_that_rests_on_interpolation_is_timed_at_its_own_widths_and_plann
     assert 60 / (10 + 10 * humped(grid_plan.kept_widths[0])) < 1.1  # the grid's own plan misses on it
     assert speed.ratio > grid_plan.ratio and 1 <= len(timed) <= REFINE_ROUNDS
     # Depth keeps full widths, which the grid timed: nothing to time.
-    depth, before = plan_speed_refined(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth"),
+    depth, before = plan_speed_refined(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="depth", margin=0),
                                        lambda shapes: pytest.fail(f"timed {shapes}"))
     assert depth.remove_blocks == 4 and before == []
     # Without a timer (a table the user gave), the grid's plan as it is.
@@ -409,9 +428,10 @@ def test_a_cached_table_gains_the_plans_own_widths_and_a_given_one_stays_as_it_i
 
     monkeypatch.setattr(timing, "time_blocks", on_the_tables_line)
     out = tmp_path / "first"
-    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width") == 0
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-margin", "0", "--speed-route", "width") == 0
     speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]
     assert speed["own_widths"].startswith("timed") and len(speed["plans_before_timing_own_widths"]) == 1
+    assert (speed["margin"], speed["planned_for"]) == (0, 1.2)
     assert speed["plans_before_timing_own_widths"][0]["ratio"] == speed["ratio"]  # on the line: the same plan
     refined = json.loads(cached.read_text())["details"]["refined"]  # timed, kept in the cache
     assert len(refined) == 1 and refined[0]["intermediate_size"] == json.loads((out / "config.json").read_text())[
@@ -423,14 +443,14 @@ def test_a_cached_table_gains_the_plans_own_widths_and_a_given_one_stays_as_it_i
 
     monkeypatch.setattr(timing, "refine", no_timing)
     out = tmp_path / "again"
-    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width") == 0
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-margin", "0", "--speed-route", "width") == 0
     again = json.loads((out / "pruning_record.json").read_text())["speed_target"]
     assert again["ratio"] == speed["ratio"] and again["plans_before_timing_own_widths"] == []
     # A table the user names is used as it is: nothing timed, nothing written into their file.
     given = _fake_table_for(cli_model, tmp_path / "given.json")
     before = given.read_text()
     out = tmp_path / "given"
-    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-route", "width", "--timing-table", str(given)) == 0
+    assert _prune(cli_model, out, "--target-speedup", "1.2", "--speed-margin", "0", "--speed-route", "width", "--timing-table", str(given)) == 0
     speed = json.loads((out / "pruning_record.json").read_text())["speed_target"]
     assert speed["own_widths"].startswith("not timed") and given.read_text() == before
 
@@ -453,7 +473,7 @@ def test_mixed_route_finds_the_smallest_ratio_where_a_whole_block_costs_speed():
         widths = plan_widths(c, round(ratio * base) - depth_parameters(c, removed), config, None, removed)
         return dense / table.model_ms([w for i, w in enumerate(widths) if i not in removed])
 
-    speed = plan_speed(c, counts(c), config, table, SpeedTarget(1.11, route="mixed", depth_share=0.5))
+    speed = plan_speed(c, counts(c), config, table, SpeedTarget(1.11, route="mixed", depth_share=0.5, margin=0))
     first_step = 0.5 * c[0].total(FULL) / (0.5 * base)  # from here on the mixed plan takes one whole block
     assert speed.remove_blocks == 0 and speed.ratio < first_step and speed.predicted_speedup >= 1.11
     assert speedup(first_step, 1) < 1.11  # just past the step the target is missed again

@@ -160,7 +160,7 @@ HELD_OUT_WINDOWS = 32
 
 def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, table, costs,
                 progress: bool = True) -> tuple[PruneConfig, dict]:
-    from llm_bip.speed.planner import plan_speed_refined
+    from llm_bip.speed.planner import describe_aim, plan_speed_refined
     from llm_bip.speed.timing import refine
 
     def time_shapes(shapes):
@@ -175,7 +175,8 @@ def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, t
     speed, earlier = plan_speed_refined(costs, count_parameters(loaded.model, loaded.adapter), config, table, target,
                                         time_shapes if table.cache_file is not None else None)
     planned = speed.config(config)
-    record = {"target": target.speedup, "mode": target.mode, "batch": target.batch, "seq_len": target.seq_len,
+    record = {"target": target.speedup, "margin": target.margin, "planned_for": target.aim,
+              "mode": target.mode, "batch": target.batch, "seq_len": target.seq_len,
               "route": target.route, "depth_share": target.depth_share if target.route == "mixed" else None,
               "ratio": speed.ratio, "remove_blocks": speed.remove_blocks,
               "predicted_speedup": speed.predicted_speedup, "dense_ms": speed.dense_ms, "pruned_ms": speed.pruned_ms,
@@ -186,8 +187,9 @@ def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, t
               "plans_before_timing_own_widths": [{"ratio": e.ratio, "remove_blocks": e.remove_blocks,
                                                   "predicted_speedup": e.predicted_speedup} for e in earlier],
               "device": table.key.device, "timing_table": table.to_json()}
-    log.info("speed target %.2fx %s (batch %d) by %s: ratio %s, %d whole block(s); predicted %.3fx (%.2f -> %.2f ms)",
-             target.speedup, target.mode, target.batch, target.route, speed.ratio, speed.remove_blocks,
+    log.info("speed target %.2fx %s (batch %d; %s) by %s: ratio %s, %d whole block(s); predicted %.3fx "
+             "(%.2f -> %.2f ms)", target.speedup, target.mode, target.batch, describe_aim(target), target.route,
+             speed.ratio, speed.remove_blocks,
              speed.predicted_speedup, speed.dense_ms, speed.pruned_ms)
     return planned, record
 
@@ -197,7 +199,7 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
                   routes: tuple[str, ...] | None) -> tuple[PruneConfig, dict]:
     """Plan each route, prune a copy of the model by it, and keep the route with the lowest perplexity on
     calibration-source windows that no calibration sample touches."""
-    from llm_bip.speed.planner import PLANNED_ROUTES
+    from llm_bip.speed.planner import PLANNED_ROUTES, describe_aim
 
     ids = tokenize(loaded.tokenizer, load_text(calibration["source"], split="train"))
     held_out = calibration_held_out(ids, HELD_OUT_WINDOWS, calibration["num_samples"], calibration["seq_len"],
@@ -230,8 +232,9 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
         if best is None or judged["perplexity"] < best[2]["held_out_perplexity"]:
             best = (planned, record, candidate)
     if best is None:
-        raise LlmBipError(f"a {target.speedup}x {target.mode} speed-up is out of reach by {' or '.join(routes)} on "
-                          "this device's timing: lower --target-speedup")
+        raise LlmBipError(f"a {target.speedup}x {target.mode} speed-up ({describe_aim(target)}) is out of reach by "
+                          f"{' or '.join(routes)} on this device's timing: lower --target-speedup"
+                          f"{' or --speed-margin' if target.margin else ''}")
     planned, record, _ = best
     record["route_choice"] = {
         "by": "the lowest perplexity of each route's prune on held-out windows of the calibration text",
