@@ -175,7 +175,7 @@ def _plan_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget, t
     speed, earlier = plan_speed_refined(costs, count_parameters(loaded.model, loaded.adapter), config, table, target,
                                         time_shapes if table.cache_file is not None else None)
     planned = speed.config(config)
-    record = {"target": target.speedup, "margin": target.margin, "planned_for": target.aim,
+    record = {"target": target.speedup, "margin": target.margin, "planned_for": round(target.aim, 6),
               "mode": target.mode, "batch": target.batch, "seq_len": target.seq_len,
               "route": target.route, "depth_share": target.depth_share if target.route == "mixed" else None,
               "ratio": speed.ratio, "remove_blocks": speed.remove_blocks,
