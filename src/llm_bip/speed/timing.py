@@ -247,8 +247,9 @@ def time_blocks(model: torch.nn.Module, mode: str, batch: int, seq_len: int, rep
     as time_pass runs them: the clock is read as each of the model's blocks starts and ends.
 
     Timing a block inside the pass instead of as the difference between passes with more blocks and fewer
-    takes the noise of two whole passes out of it: on this project's CPU host that difference moved a decoding
-    block's time by up to 30% between timings, the direct reading by at most 4% (docs/results.md §9). The
+    takes the noise of two whole passes out of it: on this project's CPU host the difference moved the decoding
+    points of a 1B shape by 16% between timings (the median point; the worst by 54%), the direct reading by 3%
+    (the worst by 12%; docs/results.md §9). The
     clock waits for the device at each block's edges (synchronize), so on a GPU a block's time includes the
     launch of its kernels, which a pass without the clock overlaps with the block before."""
     stamps: list[float] = []
