@@ -29,20 +29,17 @@ from llm_bip.devices import resolve_device
 from llm_bip.speed.timing import time_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import SHAPES, build, shapes_for, targeted  # noqa: E402
+from bench_speed import build, pass_arguments, shapes_for, targeted  # noqa: E402
 
 PROMPT = 128
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
+    pass_arguments(parser)
     parser.add_argument("--target-speedup", type=float, default=1.2)
     parser.add_argument("--speed-margin", type=float, help="the planner's margin (default: prune's)")
-    parser.add_argument("--modes", nargs="+", default=["prefill", "decode"])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = resolve_device(args.device)
     started = time.perf_counter()

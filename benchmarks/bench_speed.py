@@ -262,6 +262,14 @@ def predict(name: str, plans: list[dict], device: torch.device) -> dict:
     return out
 
 
+def pass_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time one shape's target passes (bench_plan_check, bench_timing_noise)."""
+    parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
+    parser.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")

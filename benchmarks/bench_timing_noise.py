@@ -26,7 +26,7 @@ from llm_bip.devices import resolve_device
 from llm_bip.speed import timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import PROMPT, SHAPES, base_config, meta_model  # noqa: E402
+from bench_speed import PROMPT, base_config, meta_model, pass_arguments  # noqa: E402
 
 
 def relative_points(table: timing.TimingTable) -> dict[str, float]:
@@ -39,11 +39,8 @@ def relative_points(table: timing.TimingTable) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
-    parser.add_argument("--modes", nargs="+", default=["prefill", "decode"])
+    pass_arguments(parser)
     parser.add_argument("--timings", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = resolve_device(args.device)
     config, (_, costs) = base_config(args.model), meta_model(args.model)
