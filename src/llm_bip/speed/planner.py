@@ -39,8 +39,8 @@ PLANNED_ROUTES = ("width", "mixed", "depth")
 ROUTES = (*PLANNED_ROUTES, "auto")
 RATIO_STEP = 1e-4  # ratios are searched to this step (rounded up, so the target stays met)
 # Plans aim this much above the target. On this project's CPU host a plan's measured speed-up over its predicted
-# one had a mean of 0.99 and a standard deviation of 3.1% (24 plans timed as whole models, docs/results.md §9):
-# a plan aimed exactly at the target misses it about half the time; 2 of the 24 fell more than 5% short.
+# one had a mean of 0.99 and a standard deviation of 2.8% (36 plans timed as whole models, docs/results.md §9):
+# a plan aimed exactly at the target misses it about half the time; 3 of the 36 fell more than 5% short.
 DEFAULT_MARGIN = 0.05
 
 
