@@ -99,9 +99,9 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device, 
     """Per target mode and route: the shape the speed planner plans for `speedup` on this device (a timing
     table timed now) with `margin` (None: prune's default), with its predicted speed-up."""
     from llm_bip.speed.planner import DEFAULT_MARGIN, PLANNED_ROUTES, SpeedTarget, plan_speed_refined
+    from llm_bip.speed.timing import refine, timing_table
 
     margin = DEFAULT_MARGIN if margin is None else margin
-    from llm_bip.speed.timing import refine, timing_table
 
     config = base_config(name)
     counts, costs = meta_model(name)

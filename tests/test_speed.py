@@ -75,7 +75,8 @@ def test_width_route_finds_the_smallest_ratio_that_meets_the_target():
 
 def test_mixed_route_takes_its_share_from_whole_blocks():
     c = costs()
-    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(1.5, route="mixed", depth_share=0.5, margin=0))
+    speed = plan_speed(c, counts(c), PruneConfig(), fake_table(),
+                       SpeedTarget(1.5, route="mixed", depth_share=0.5, margin=0))
     assert speed.remove_blocks >= 1 and speed.ratio is not None and speed.predicted_speedup >= 1.5
     per_block = c[0].total(FULL)
     share = speed.remove_blocks * per_block / (speed.ratio * counts(c)["non_embedding"])
