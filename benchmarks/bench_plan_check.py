@@ -9,9 +9,9 @@ the rounds' ratios to dense: on this project's shared CPU host that moves by 5-1
 target pass (prefill and decode at batch 1, 128 tokens): the tables are timed and the plans made as `prune
 --target-speedup` makes them (bench_speed.targeted: the plan's own widths timed; prune's margin unless
 `--speed-margin` is given), then dense, a second dense copy and each route's plan are built (random weights,
-the family's stock class, bf16) and timed with `timing.time_pass` (the fastest of one pass per round, decode
-the fastest of 8 steps) in `--rounds` rounds, the order rotated; the figure is the median over rounds of
-dense's time over the plan's in the same round.
+the family's stock class, in the dtype prune's `auto` computes in on the device unless `--dtype` is given) and
+timed with `timing.time_pass` (the fastest of one pass per round, decode the fastest of 8 steps) in `--rounds`
+rounds, the order rotated; the figure is the median over rounds of dense's time over the plan's in the same round.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from llm_bip.devices import resolve_device
 from llm_bip.speed.timing import time_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import build, pass_arguments, shapes_for, targeted  # noqa: E402
+from bench_speed import build, pass_arguments, shapes_for, targeted, timed_dtype  # noqa: E402
 
 PROMPT = 128
 
@@ -42,14 +42,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     device = resolve_device(args.device)
+    dtype = timed_dtype(args.dtype, device)
     started = time.perf_counter()
     result = {"command": "python benchmarks/bench_plan_check.py " + " ".join(sys.argv[1:]), "model": args.model,
-              "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
-        plans = targeted(args.model, args.target_speedup, [mode], device, args.speed_margin)
+        plans = targeted(args.model, args.target_speedup, [mode], device, dtype, args.speed_margin)
         dense, again = shapes_for(args.model, [])
         everything = [dense, *plans, {**again, "plan": "dense, a second copy"}]
-        models = [build(args.model, plan, device) for plan in everything]
+        models = [build(args.model, plan, device, dtype) for plan in everything]
         times: list[list[float]] = [[] for _ in everything]
         for r in range(args.rounds):
             order = list(range(len(everything)))

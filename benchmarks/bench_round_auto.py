@@ -67,7 +67,7 @@ def main() -> None:
                 timed.append(dict(plan, plan=f"{plan['plan']} rounded to {width}",
                                   widths=BlockWidths(widths.num_heads, widths.num_kv_heads, width).to_json()))
         if len(timed) > 1 + len(plans):  # something was rounded: time the whole models
-            measured = interleaved(name, timed, device, args.rounds)
+            measured = interleaved(name, timed, device, torch.bfloat16, args.rounds)
             entry["whole_model"] = [{k: v for k, v in m.items() if k != "rounds"} for m in measured]
         results["models"][name] = entry
         out = Path(args.out)

@@ -10,7 +10,8 @@ ratio: FFN channels first); `depth` (whole blocks, the ratio's share of the non-
 `mixed` (half of the ratio from whole blocks, the rest from widths). Each shape runs in a fresh
 subprocess (so its peak memory is its own): prefill tokens/s of 128-token prompts at batch 1 and 8,
 greedy decoding tokens/s at batch 1 (32 new tokens after a 128-token prompt, KV cache), best of
-`--repeats`, in bf16; weights and KV-cache size; peak RSS (CPU) or peak allocated memory (CUDA). Dense
+`--repeats`, in `--dtype` (default: bf16 where the device has bf16 units, else float32, as prune's
+`auto`); weights and KV-cache size; peak RSS (CPU) or peak allocated memory (CUDA). Dense
 runs first and last, so drift over the run shows. With `--predict`, the speed planner's timing table
 (llm_bip.speed.timing, the same one `prune --target-speedup` uses) predicts each shape's speed-up too.
 With `--target-speedup`, the shapes that `prune --target-speedup` would plan by each route (width, depth,
@@ -33,29 +34,37 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from llm_bip.adapters import adapter_for
 from llm_bip.config import PruneConfig
 from llm_bip.devices import resolve_device
+from llm_bip.dtypes import DTYPES, fast_bfloat16
 from llm_bip.params import block_costs, count_parameters
 from llm_bip.pipeline import depth_parameters, plan_widths
 from llm_bip.speed.timing import synchronize
 from llm_bip.widths import BlockWidths
 
-SHAPES = {
+SHAPES = {  # model_type, then the config's shape
     # TinyLlama-1.1B's shape: 22 blocks, 32 query / 4 KV heads of 64, FFN 5632, vocabulary 32,000 (untied).
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    "tinyllama": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False),
     # SmolLM2-135M's: 30 blocks, 9 / 3 heads of 64, FFN 1536, vocabulary 49,152 (tied).
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    "smollm2": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+    # Qwen2.5(-Coder)-0.5B's: the qwen2 family (q/k/v biases), 24 blocks, 14 / 2 heads of 64, FFN 4864,
+    # vocabulary 151,936 (tied). head_dim is given so that fewer heads keep heads of 64.
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, head_dim=64, vocab_size=151936,
+                         tie_word_embeddings=True),
 }
 PROMPT, NEW_TOKENS = 128, 32
 
 
-def base_config(name: str) -> LlamaConfig:
-    return LlamaConfig(**SHAPES[name], max_position_embeddings=2048, rope_theta=10000.0)
+def base_config(name: str) -> PretrainedConfig:
+    """The shape's config in its family's stock class (its model_type is the timing table's family)."""
+    return AutoConfig.for_model(**SHAPES[name], max_position_embeddings=2048, rope_theta=10000.0)
+
 
 
 def meta_model(name: str) -> tuple[dict, list]:
@@ -94,8 +103,8 @@ def shapes_for(name: str, ratios: list[float]) -> list[dict]:
     return plans
 
 
-def targeted(name: str, speedup: float, modes: list[str], device: torch.device, margin: float | None = None
-             ) -> list[dict]:
+def targeted(name: str, speedup: float, modes: list[str], device: torch.device, dtype: torch.dtype,
+             margin: float | None = None) -> list[dict]:
     """Per target mode and route: the shape the speed planner plans for `speedup` on this device (a timing
     table timed now) with `margin` (None: prune's default), with its predicted speed-up."""
     from llm_bip.speed.planner import DEFAULT_MARGIN, PLANNED_ROUTES, SpeedTarget, plan_speed_refined
@@ -107,7 +116,7 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device, 
     counts, costs = meta_model(name)
     plans = []
     for mode in modes:
-        table = timing_table(config, "llama", costs[0].widths, config.head_dim, torch.bfloat16, device, mode, 1,
+        table = timing_table(config, config.model_type, costs[0].widths, config.head_dim, dtype, device, mode, 1,
                              PROMPT, path=Path(tempfile.mkdtemp()) / "table.json")
         grid_seconds = table.details.get("seconds")
         for route in PLANNED_ROUTES:
@@ -115,7 +124,7 @@ def targeted(name: str, speedup: float, modes: list[str], device: torch.device, 
             started = time.perf_counter()
             planned, earlier = plan_speed_refined(
                 costs, counts, PruneConfig(), table, SpeedTarget(speedup, mode, 1, PROMPT, route, margin=margin),
-                functools.partial(refine, table, config, head_dim=config.head_dim, dtype=torch.bfloat16, device=device,
+                functools.partial(refine, table, config, head_dim=config.head_dim, dtype=dtype, device=device,
                                   progress=False))
             # The ratio counts against the planner's base (the model's non-embedding parameters).
             widths, removed_share = shape_after(costs, planned.ratio, planned.remove_blocks, counts["non_embedding"])
@@ -144,7 +153,7 @@ def saved_plan(name: str, folder: str) -> dict:
             "widths": widths.to_json()}
 
 
-def shaped(name: str, plan: dict) -> LlamaConfig:
+def shaped(name: str, plan: dict) -> PretrainedConfig:
     config = base_config(name)
     widths = BlockWidths.from_json(plan["widths"])
     config.num_hidden_layers = plan["blocks"]
@@ -153,17 +162,18 @@ def shaped(name: str, plan: dict) -> LlamaConfig:
     return config
 
 
-def build(name: str, plan: dict, device: torch.device):
+def build(name: str, plan: dict, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(shaped(name, plan), dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_config(shaped(name, plan), dtype=dtype).to(device).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
 
 
 def kv_bytes_per_token(model, plan: dict) -> int:
-    """The bf16 KV cache's bytes per token: K and V of every kept KV head in every block."""
-    return 2 * plan["blocks"] * BlockWidths.from_json(plan["widths"]).num_kv_heads * model.config.head_dim * 2
+    """The KV cache's bytes per token in the model's dtype: K and V of every kept KV head in every block."""
+    element = next(model.parameters()).element_size()
+    return 2 * plan["blocks"] * BlockWidths.from_json(plan["widths"]).num_kv_heads * model.config.head_dim * element
 
 
 def sizes(model, plan: dict) -> dict:
@@ -201,11 +211,11 @@ def time_model(model, device: torch.device, repeats: int) -> dict:
     return out
 
 
-def interleaved(name: str, plans: list[dict], device: torch.device, rounds: int) -> list[dict]:
+def interleaved(name: str, plans: list[dict], device: torch.device, dtype: torch.dtype, rounds: int) -> list[dict]:
     """Every plan built once in this process and timed once per round, the order rotated each round, so
     drift of the machine falls on every plan alike; the best of the rounds per plan and measure. The
     round-by-round numbers are kept (dense's show the drift)."""
-    models = [build(name, plan, device) for plan in plans]
+    models = [build(name, plan, device, dtype) for plan in plans]
     best: list[dict] = [{} for _ in plans]
     per_round: list[list[dict]] = [[] for _ in plans]
     for r in range(rounds):
@@ -229,11 +239,11 @@ def interleaved(name: str, plans: list[dict], device: torch.device, rounds: int)
 
 
 @torch.no_grad()
-def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> dict:
+def measure_one(name: str, plan: dict, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     """Runs in its own process: build the shape, time it, report its memory."""
     torch.manual_seed(0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = build(name, plan, device)
+    model = build(name, plan, device, dtype)
     out = time_model(model, device, repeats)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024)
@@ -243,7 +253,7 @@ def measure_one(name: str, plan: dict, device: torch.device, repeats: int) -> di
             else "RSS high-water above the process before the model"}
 
 
-def predict(name: str, plans: list[dict], device: torch.device) -> dict:
+def predict(name: str, plans: list[dict], device: torch.device, dtype: torch.dtype) -> dict:
     """The speed planner's predicted speed-up of each plan, from this device's timing tables."""
     from llm_bip.speed.timing import timing_table
 
@@ -252,7 +262,7 @@ def predict(name: str, plans: list[dict], device: torch.device) -> dict:
     out = {}
     for mode, batch in (("prefill", 1), ("decode", 1)):
         # A table timed now (not one cached from another session), so it sees the host as the plans did.
-        table = timing_table(config, "llama", full, config.head_dim, torch.bfloat16, device, mode, batch, PROMPT,
+        table = timing_table(config, config.model_type, full, config.head_dim, dtype, device, mode, batch, PROMPT,
                              path=Path(tempfile.mkdtemp()) / "table.json")
         dense = table.model_ms([full] * plans[0]["blocks"])
         for plan in plans:
@@ -262,11 +272,25 @@ def predict(name: str, plans: list[dict], device: torch.device) -> dict:
     return out
 
 
+def dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="the models' dtype (default auto: what prune's --dtype auto computes in on the device, "
+                             "bfloat16 where it has bf16 units, else float32)")
+
+
+def timed_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype the shapes are built and timed in: as prune's `auto` picks for float32 weights, or as asked."""
+    if requested == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
+    return DTYPES[requested]
+
+
 def pass_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the benchmarks that time one shape's target passes (bench_plan_check, bench_timing_noise)."""
     parser.add_argument("--model", choices=list(SHAPES), default="tinyllama")
     parser.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     parser.add_argument("--device", default="cpu")
+    dtype_argument(parser)
     parser.add_argument("--out", required=True)
 
 
@@ -280,6 +304,7 @@ def main() -> None:
                         help="also time the shapes the speed planner plans for this speed-up by each route")
     parser.add_argument("--target-modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     parser.add_argument("--device", default="cpu")
+    dtype_argument(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--predict", action="store_true", help="also predict each speed-up from the timing table")
     parser.add_argument("--rounds", type=int, default=0,
@@ -289,22 +314,23 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one plan (JSON) and print the result
     args = parser.parse_args()
     device = resolve_device(args.device)
+    dtype = timed_dtype(args.dtype, device)
     if args.one:
-        print(json.dumps(measure_one(args.model, json.loads(args.one), device, args.repeats)))
+        print(json.dumps(measure_one(args.model, json.loads(args.one), device, dtype, args.repeats)))
         return
     plans = shapes_for(args.model, args.ratios)
     plans[-1:-1] = [saved_plan(args.model, folder) for folder in args.pruned]  # before "dense (again)"
     if args.target_speedup:
-        plans[-1:-1] = targeted(args.model, args.target_speedup, args.target_modes, device)
+        plans[-1:-1] = targeted(args.model, args.target_speedup, args.target_modes, device, dtype)
     started = time.perf_counter()
-    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": "bfloat16",
+    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": str(dtype).removeprefix("torch."),
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
               "command": "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), "plans": []}
     if args.rounds:
         result["mode"] = f"interleaved, {args.rounds} rounds"
-        result["plans"] = interleaved(args.model, plans, device, args.rounds)
+        result["plans"] = interleaved(args.model, plans, device, dtype, args.rounds)
     for plan in plans if not args.rounds else []:
-        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--repeats",
+        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--repeats",
                    str(args.repeats), "--out", args.out, "--one", json.dumps(plan)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
@@ -315,7 +341,7 @@ def main() -> None:
         for key in ("prefill_b1_tok_s", "prefill_b8_tok_s", "decode_b1_tok_s"):
             plan[key.replace("tok_s", "speedup")] = plan[key] / dense[key]
     if args.predict:
-        predicted = predict(args.model, plans, device)
+        predicted = predict(args.model, plans, device, dtype)
         result["timing_seconds"] = predicted.pop("timing_seconds")
         for plan in result["plans"]:
             plan.update(predicted.get(plan["plan"], {}))

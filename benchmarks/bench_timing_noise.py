@@ -26,7 +26,7 @@ from llm_bip.devices import resolve_device
 from llm_bip.speed import timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import PROMPT, base_config, meta_model, pass_arguments  # noqa: E402
+from bench_speed import PROMPT, base_config, meta_model, pass_arguments, timed_dtype  # noqa: E402
 
 
 def relative_points(table: timing.TimingTable) -> dict[str, float]:
@@ -43,18 +43,19 @@ def main() -> None:
     parser.add_argument("--timings", type=int, default=3)
     args = parser.parse_args()
     device = resolve_device(args.device)
+    dtype = timed_dtype(args.dtype, device)
     config, (_, costs) = base_config(args.model), meta_model(args.model)
     commit = subprocess.run(["git", "-C", str(Path(timing.__file__).parent), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     result = {"command": "python benchmarks/bench_timing_noise.py " + " ".join(sys.argv[1:]), "model": args.model,
               "timing_source": timing.__file__, "timing_commit": commit, "timing_format": timing.TIMING_FORMAT,
-              "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
         runs = []
         for _ in range(args.timings):
             started = time.perf_counter()
-            table = timing.measure(config, "llama", costs[0].widths, config.head_dim, torch.bfloat16, device, mode,
-                                   1, PROMPT, progress=False)
+            table = timing.measure(config, config.model_type, costs[0].widths, config.head_dim, dtype, device, mode, 1,
+                                   PROMPT, progress=False)
             runs.append({"seconds": time.perf_counter() - started, "full_block_ms": dict(table.points)[
                 table.full_widths], "relative": relative_points(table)})
         points = runs[0]["relative"]
