@@ -45,7 +45,8 @@ def main() -> None:
     dtype = timed_dtype(args.dtype, device)
     started = time.perf_counter()
     result = {"command": "python benchmarks/bench_plan_check.py " + " ".join(sys.argv[1:]), "model": args.model,
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
         plans = targeted(args.model, args.target_speedup, [mode], device, dtype, args.speed_margin)
         dense, again = shapes_for(args.model, [])

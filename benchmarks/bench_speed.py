@@ -47,11 +47,13 @@ from llm_bip.widths import BlockWidths
 
 SHAPES = {  # model_type, then the config's shape
     # TinyLlama-1.1B's shape: 22 blocks, 32 query / 4 KV heads of 64, FFN 5632, vocabulary 32,000 (untied).
-    "tinyllama": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False),
+    "tinyllama": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=64, vocab_size=32000,
+                      tie_word_embeddings=False),
     # SmolLM2-135M's: 30 blocks, 9 / 3 heads of 64, FFN 1536, vocabulary 49,152 (tied).
-    "smollm2": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                    tie_word_embeddings=True),
     # Qwen2.5(-Coder)-0.5B's: the qwen2 family (q/k/v biases), 24 blocks, 14 / 2 heads of 64, FFN 4864,
     # vocabulary 151,936 (tied). head_dim is given so that fewer heads keep heads of 64.
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -64,7 +66,6 @@ PROMPT, NEW_TOKENS = 128, 32
 def base_config(name: str) -> PretrainedConfig:
     """The shape's config in its family's stock class (its model_type is the timing table's family)."""
     return AutoConfig.for_model(**SHAPES[name], max_position_embeddings=2048, rope_theta=10000.0)
-
 
 
 def meta_model(name: str) -> tuple[dict, list]:
@@ -323,15 +324,15 @@ def main() -> None:
     if args.target_speedup:
         plans[-1:-1] = targeted(args.model, args.target_speedup, args.target_modes, device, dtype)
     started = time.perf_counter()
-    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-              "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
+    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device,
+              "dtype": str(dtype).removeprefix("torch."), "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
               "command": "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), "plans": []}
     if args.rounds:
         result["mode"] = f"interleaved, {args.rounds} rounds"
         result["plans"] = interleaved(args.model, plans, device, dtype, args.rounds)
     for plan in plans if not args.rounds else []:
-        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--repeats",
-                   str(args.repeats), "--out", args.out, "--one", json.dumps(plan)]
+        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+                   "--repeats", str(args.repeats), "--out", args.out, "--one", json.dumps(plan)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         result["plans"].append({**plan, **measured})

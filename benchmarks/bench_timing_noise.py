@@ -49,7 +49,8 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     result = {"command": "python benchmarks/bench_timing_noise.py " + " ".join(sys.argv[1:]), "model": args.model,
               "timing_source": timing.__file__, "timing_commit": commit, "timing_format": timing.TIMING_FORMAT,
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": torch.get_num_threads(), "modes": {}}
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
         runs = []
         for _ in range(args.timings):
