@@ -330,6 +330,37 @@ def test_sequential_removal_scores_again_without_the_removed_blocks():
     assert result.report["removed_blocks"] == sorted([first, second])
 
 
+def test_sequential_passes_start_at_the_block_removed_last(monkeypatch):
+    """After the first removal a pass starts at the removed block, from the inputs it received, not at block 0;
+    the blocks chosen and their scores are those of passes that start at block 0 every time."""
+    from llm_bip import depth
+    from llm_bip.pipeline import blocks_of, catch_inputs
+
+    lm = tiny("llama", layers=6)
+    make_identity(lm, 2)  # removed first, in the first pass: the second pass can start there
+    inputs = catch_inputs(lm, tiny_samples(), 8)
+    real, starts = depth.measure, []
+
+    def counted(source, adapter, inputs_, removed, wanted, progress=False, start=0, scored=None):
+        starts.append(start)
+        return real(source, adapter, inputs_, removed, wanted, progress, start, scored)
+
+    monkeypatch.setattr(depth, "measure", counted)
+    fast = depth.choose_by_measuring(blocks_of(lm), lm.adapter, inputs, 3, list(range(6)), sequential=True)
+
+    def from_block_zero(source, adapter, _inputs, removed, wanted, progress=False, start=0, scored=None):
+        return real(source, adapter, inputs, removed, wanted, progress)
+
+    monkeypatch.setattr(depth, "measure", from_block_zero)
+    slow = depth.choose_by_measuring(blocks_of(lm), lm.adapter, inputs, 3, list(range(6)), sequential=True)
+    assert fast["order"][0] == {"layer": 2, "score": 0.0} and starts[:2] == [0, 2]
+    assert [o["layer"] for o in fast["order"]] == [o["layer"] for o in slow["order"]]
+    assert [o["score"] for o in fast["order"]] == pytest.approx([o["score"] for o in slow["order"]], rel=1e-6)
+    assert fast["removed"] == slow["removed"] and fast["scores"] == slow["scores"]
+    with pytest.raises(ValueError, match="starts at block 3"):
+        real(blocks_of(lm), lm.adapter, inputs, [], [1, 4], start=3)
+
+
 def test_scores_are_restricted_to_the_prunable_layers():
     lm = tiny("llama")
     make_identity(lm, 3)

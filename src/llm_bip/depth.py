@@ -9,14 +9,16 @@ y - x. A block's score is that change relative to what the block outputs,
 which is 0 for a block that computes the identity and does not grow with the residual stream's norm
 down the depth. Blocks are removed lowest score first. Sequentially (the default calibration mode)
 one block is removed at a time and the remaining blocks are scored again on the activations of the
-model without the blocks removed so far; in parallel mode (and from a saved score table) every block
+model without the blocks removed so far (from the removed block on: the blocks before it see the same
+inputs, so their scores stand and the pass starts from the inputs the removed block received, kept from
+the pass that scored it); in parallel mode (and from a saved score table) every block
 is scored once on the dense model's activations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -65,15 +67,20 @@ def choose_from_scores(scores: list[float], n: int, candidates: Iterable[int], m
 
 @torch.no_grad()
 def measure(source, adapter: FamilyAdapter, inputs: BlockInputs, removed: Iterable[int], wanted: Iterable[int],
-            progress: bool = False) -> dict[int, float]:
-    """Block scores of the `wanted` layers on the activations of the model without the `removed` blocks
-    (`inputs`: what block 0 receives). Blocks come from a `block_loop.BlockSource` and are given back."""
+            progress: bool = False, start: int = 0,
+            scored: Callable[[int, float, BlockInputs], None] | None = None) -> dict[int, float]:
+    """Block scores of the `wanted` layers (none before `start`) on the activations of the model without the
+    `removed` blocks (`inputs`: what block `start` receives). Blocks come from a `block_loop.BlockSource` and
+    are given back. `scored(layer, score, inputs)` is told each score with the inputs that block received."""
     removed, wanted = set(removed), set(wanted)
     if not wanted:
         return {}
+    if min(wanted) < start:
+        raise ValueError(f"block {min(wanted)} cannot be scored by a pass that starts at block {start}")
     last = max(wanted)
     scores: dict[int, float] = {}
-    for layer in tqdm(range(last + 1), desc="block scores", disable=not progress, unit="block", leave=False):
+    for layer in tqdm(range(start, last + 1), desc="block scores", disable=not progress, unit="block",
+                      initial=start, total=last + 1, leave=False):
         if layer in removed:
             continue  # a skipped block passes its inputs on unchanged
         block = source.load(layer)
@@ -93,6 +100,8 @@ def measure(source, adapter: FamilyAdapter, inputs: BlockInputs, removed: Iterab
         source.done(layer, block)
         if layer in wanted:
             scores[layer] = block_score(*sums)
+            if scored is not None:
+                scored(layer, scores[layer], inputs)
         inputs = outputs
     return scores
 
@@ -101,7 +110,12 @@ def choose_by_measuring(source, adapter: FamilyAdapter, inputs: BlockInputs, n: 
                         sequential: bool, progress: bool = False) -> dict:
     """Choose `n` blocks to remove by measuring their scores: once on the dense model (parallel), or one
     block at a time (sequential: after each removal, the blocks after it are scored again on the
-    activations of the model without it; the blocks before it see the same inputs and keep their scores)."""
+    activations of the model without it; the blocks before it see the same inputs and keep their scores).
+
+    A sequential pass starts at the block removed last, from the inputs it received in the pass that scored
+    it (with it gone they are what the next block receives): the pass keeps the inputs of its lowest-scoring
+    block so far, one more set of calibration activations alive. Where the block removed was scored in an
+    earlier pass, the next pass starts from block 0."""
     if n > len(candidates):
         raise LlmBipError(f"cannot remove {n} blocks: only {len(candidates)} may be removed")
     num_blocks = adapter.num_blocks
@@ -109,9 +123,17 @@ def choose_by_measuring(source, adapter: FamilyAdapter, inputs: BlockInputs, n: 
     order: list[tuple[int, float]] = []
     known: dict[int, float] = {}
     first: list[float | None] | None = None
+    start, handoff = 0, [inputs]  # where the next pass starts and what that block receives (held only until then)
     for _round in range(n if sequential else 1):
         pending = [layer for layer in candidates if layer not in removed and layer not in known]
-        known.update(measure(source, adapter, inputs, removed, pending, progress))
+        kept: list[tuple[float, int, BlockInputs]] = []  # this pass's lowest-scoring block so far, its inputs
+
+        def keep_lowest(layer: int, score: float, layer_inputs: BlockInputs, kept=kept) -> None:
+            if not kept or (score, layer) < kept[0][:2]:  # lowest()'s order: score, then the lower index
+                kept[:] = [(score, layer, layer_inputs)]
+
+        known.update(measure(source, adapter, handoff.pop(), removed, pending, progress, start,
+                             keep_lowest if sequential else None))
         if first is None:
             first = [known.get(i) for i in range(num_blocks)]
         picked = lowest({layer: s for layer, s in known.items() if layer not in removed}, 1 if sequential else n)
@@ -119,6 +141,7 @@ def choose_by_measuring(source, adapter: FamilyAdapter, inputs: BlockInputs, n: 
         order += [(layer, known[layer]) for layer in picked]
         if sequential:
             known = {layer: s for layer, s in known.items() if layer < picked[0]}
+            start, handoff = (picked[0], [kept[0][2]]) if kept and kept[0][1] == picked[0] else (0, [inputs])
     mode = ("sequential (one block at a time, the rest scored again without it)" if sequential
             else "parallel (dense activations)")
     return choice(removed, order, first, mode)
