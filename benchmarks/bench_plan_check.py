@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llm_bip.devices import resolve_device
+from llm_bip.dtypes import dtype_name
 from llm_bip.speed.timing import time_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +46,7 @@ def main() -> None:
     dtype = timed_dtype(args.dtype, device)
     started = time.perf_counter()
     result = {"command": "python benchmarks/bench_plan_check.py " + " ".join(sys.argv[1:]), "model": args.model,
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+              "device": str(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
         plans = targeted(args.model, args.target_speedup, [mode], device, dtype, args.speed_margin)

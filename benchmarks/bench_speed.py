@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from llm_bip.adapters import adapter_for
 from llm_bip.config import PruneConfig
 from llm_bip.devices import resolve_device
-from llm_bip.dtypes import DTYPES, fast_bfloat16
+from llm_bip.dtypes import DTYPES, compute_dtype, dtype_name
 from llm_bip.params import block_costs, count_parameters
 from llm_bip.pipeline import depth_parameters, plan_widths
 from llm_bip.speed.timing import synchronize
@@ -280,10 +280,8 @@ def dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def timed_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The dtype the shapes are built and timed in: as prune's `auto` picks for float32 weights, or as asked."""
-    if requested == "auto":
-        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
-    return DTYPES[requested]
+    """The dtype the shapes are built and timed in: what prune computes float32 weights in when asked for it."""
+    return DTYPES[compute_dtype(requested, torch.float32, device)]
 
 
 def pass_arguments(parser: argparse.ArgumentParser) -> None:
@@ -324,8 +322,8 @@ def main() -> None:
     if args.target_speedup:
         plans[-1:-1] = targeted(args.model, args.target_speedup, args.target_modes, device, dtype)
     started = time.perf_counter()
-    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device,
-              "dtype": str(dtype).removeprefix("torch."), "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
+    result = {"model": args.model, "shape": SHAPES[args.model], "device": args.device, "dtype": dtype_name(dtype),
+              "prompt": PROMPT, "new_tokens": NEW_TOKENS, "repeats": args.repeats, "torch": torch.__version__,
               "command": "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), "plans": []}
     if args.rounds:
         result["mode"] = f"interleaved, {args.rounds} rounds"

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from llm_bip.devices import resolve_device
+from llm_bip.dtypes import dtype_name
 from llm_bip.speed import timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +50,7 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     result = {"command": "python benchmarks/bench_timing_noise.py " + " ".join(sys.argv[1:]), "model": args.model,
               "timing_source": timing.__file__, "timing_commit": commit, "timing_format": timing.TIMING_FORMAT,
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+              "device": str(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "modes": {}}
     for mode in args.modes:
         runs = []
