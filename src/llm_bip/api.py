@@ -454,7 +454,7 @@ def info(loaded: LoadedModel) -> dict:
         "model_type": loaded.model.config.model_type,
         "parameters": count_parameters(loaded.model, loaded.adapter),
         "layer_widths": [w.to_json() for w in widths_of(loaded)],
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": dtype_name(loaded.dtype),
         "fingerprint": fingerprint_of(loaded),
         "pruning_record": read_record(source) if source.is_dir() else None,
     }

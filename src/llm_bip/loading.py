@@ -31,7 +31,7 @@ from transformers import (
 from llm_bip.adapters import FamilyAdapter, adapter_for
 from llm_bip.checkpoints import Checkpoint, GGUFCheckpoint, SafetensorsCheckpoint
 from llm_bip.devices import resolve_device, return_large_frees_at_once
-from llm_bip.dtypes import DTYPES, fast_bfloat16, why_not_bfloat16
+from llm_bip.dtypes import DTYPES, dtype_name, fast_bfloat16, why_not_bfloat16
 from llm_bip.errors import LlmBipError
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def load_model(source: str | os.PathLike | None = None, weights_dtype: str | tor
     model.config.use_cache = False
     size = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%s, %.1fM parameters, %s on %s%s)", source or DEFAULT_MODEL, config.model_type, size / 1e6,
-             str(dtype).removeprefix("torch."), device, ", streamed block by block" if streaming else "")
+             dtype_name(dtype), device, ", streamed block by block" if streaming else "")
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=str(source or DEFAULT_MODEL),
                        checkpoint=checkpoint, streamed=streaming, device=device, weights_dtype=dtype)
 

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from llm_bip import modeling_llm_bip
 from llm_bip.adapters import FamilyAdapter
+from llm_bip.dtypes import dtype_name
 from llm_bip.model_card import CARD_FILE, refreshed_card, write_card, write_model_card
 from llm_bip.outputs import (
     PARTIAL_MARKER,
@@ -145,7 +146,7 @@ def save_pruned(
         if source and not full_record.get("model"):
             full_record["model"] = source
         full_record["parameters_after"] = count_parameters(model, adapter)  # on disk, zero biases included
-        full_record["saved_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        full_record["saved_dtype"] = dtype_name(next(model.parameters()).dtype)
         finish_record(tmp, full_record, fmt, layout)
         swap_into_place(tmp, out)
     log.info("saved %s (%s)", out, fmt)

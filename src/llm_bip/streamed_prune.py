@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llm_bip.config import PruneConfig
+from llm_bip.dtypes import dtype_name
 from llm_bip.errors import LlmBipError
 from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel
@@ -144,5 +145,5 @@ def finish_output(loaded: LoadedModel, writer: ShardWriter, partial: PartialRun,
     counts, added = count_parameters(loaded.model, adapter), sum(zero_biases.values())
     record["parameters_after"] = {"total": counts["total"] + added, "embedding": counts["embedding"],
                                   "non_embedding": counts["non_embedding"] + added}  # on disk, zero biases included
-    record["saved_dtype"] = str(save_dtype).removeprefix("torch.")
+    record["saved_dtype"] = dtype_name(save_dtype)
     finish_record(partial.directory, record, fmt, layout)

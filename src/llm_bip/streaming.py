@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from llm_bip.activations import capture_block_inputs, run_block
 from llm_bip.devices import release_freed_memory
+from llm_bip.dtypes import dtype_name
 from llm_bip.evaluation.perplexity import window_losses
 from llm_bip.loading import LoadedModel, input_side_names, materialize, output_side_names
 from llm_bip.tensor_files import write_safetensors
@@ -176,6 +177,6 @@ def streamed_perplexity(loaded: LoadedModel, data: torch.Tensor, source: str, ba
         model.get_submodule(name.rsplit(".", 1)[0]).to("meta")
     mean = sum(losses) / len(losses)
     return {"source": str(source), "seq_len": seq_len, "windows": windows, "tokens": windows * seq_len,
-            "perplexity": math.exp(mean), "dtype": str(blocks.dtype).removeprefix("torch."), "streamed": True,
+            "perplexity": math.exp(mean), "dtype": dtype_name(blocks.dtype), "streamed": True,
             "seconds": time.perf_counter() - start,
             **({"bos_per_window": True} if adapter.bos_per_window else {})}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from llm_bip.dtypes import dtype_name
 from llm_bip.errors import LlmBipError
 from llm_bip.outputs import write_text_atomic
 from llm_bip.widths import BlockWidths
@@ -195,7 +196,7 @@ def timing_key(config, family: str, dtype: torch.dtype, device: torch.device, mo
                seq_len: int, widths: BlockWidths, head_dim: int) -> TimingKey:
     check_pass(mode, batch, seq_len)
     return TimingKey(family, config.hidden_size, widths.num_heads, widths.num_kv_heads, head_dim, widths.channels,
-                     config.vocab_size, str(dtype).removeprefix("torch."), device_name(device), torch.__version__,
+                     config.vocab_size, dtype_name(dtype), device_name(device), torch.__version__,
                      mode, batch, seq_len)
 
 
