@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -29,6 +30,27 @@ from llm_bip.saving import save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEAD_DIM = 16
+VOCAB_KEPT = 4096
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer, tmp_path_factory):
+    """SmolLM2's real tokenizer cut to its first 4,096 tokens and the merges among them: the same kind of
+    tokenizer (byte-level BPE, its pre-tokenizer, special tokens and chat template) in a twelfth of the
+    entries. Reading a GGUF file's 98k vocabulary and merge strings back with gguf's reader took seconds per
+    read, which made these tests a third of the whole suite's time."""
+    folder = tmp_path_factory.mktemp("small-tokenizer")
+    tokenizer.save_pretrained(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {token: i for token, i in data["model"]["vocab"].items() if i < VOCAB_KEPT}
+    data["model"]["vocab"] = vocab
+    data["model"]["merges"] = [m for m in data["model"]["merges"]
+                               if all(part in vocab for part in (*m, "".join(m)))]
+    assert data["model"]["merges"] and all(t["id"] < VOCAB_KEPT for t in data["added_tokens"])
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    small = AutoTokenizer.from_pretrained(folder)
+    assert len(small) == VOCAB_KEPT and small.chat_template == tokenizer.chat_template
+    return small
 
 CONFIGS = {
     "llama": (LlamaConfig, {"tie_word_embeddings": True}),
@@ -48,7 +70,7 @@ PER_LAYER_FFN = [([0, 1], 80), ([0, 1], 40), ([0, 1], 64)]
 
 
 def _saved(tmp_path, tokenizer, family: str, layout, biases: bool = False, name: str = "model", **config):
-    """A tiny random model of `family` (with the real tokenizer's vocabulary), cut to `layout` and saved
+    """A tiny random model of `family` (with the tokenizer's vocabulary), cut to `layout` and saved
     by llm-bip; `biases` gives o_proj / down_proj biases as bias compensation would."""
     torch.manual_seed(0)
     cls, extra = CONFIGS[family]
@@ -175,7 +197,7 @@ def _llamacpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
     return _rms(x, w("output_norm.weight"), eps) @ head.T
 
 
-IDS = torch.tensor([5, 901, 17, 3000, 42, 7, 12000, 256, 33, 8])
+IDS = torch.tensor([5, 901, 17, 3000, 42, 7, 4000, 256, 33, 8])
 
 
 def _hf_logits(model) -> torch.Tensor:
@@ -258,7 +280,7 @@ def test_uniform_export_metadata_tensors_and_logits(family, tmp_path, tokenizer)
 def test_transformers_gguf_loader_gives_the_same_logits(family, layout, types, tmp_path, tokenizer):
     """transformers reads llama (and mistral, written as llama) and qwen2 GGUF files, un-permuting q/k
     itself. (Its qwen3 reader has no head_dim key, so it cannot size a Qwen3 with head_dim != 128; Qwen2
-    with heads removed is refused, see below.) Each load converts the 49k-token tokenizer (seconds), so
+    with heads removed is refused, see below.) Each load converts the tokenizer (seconds), so
     the cases are the writer's distinct paths: llama's q/k permutation in two types, qwen2's biases,
     and per-head rows of a model with heads removed."""
     model_dir, model = _saved(tmp_path, tokenizer, family, FFN_ONLY if layout == "ffn-only" else FEWER_HEADS)
