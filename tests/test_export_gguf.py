@@ -37,6 +37,7 @@ def tokenizer(small_tokenizer):
     98k vocabulary and merge strings back with gguf's reader took seconds per read, a third of the suite."""
     return small_tokenizer
 
+
 CONFIGS = {
     "llama": (LlamaConfig, {"tie_word_embeddings": True}),
     "mistral": (MistralConfig, {"tie_word_embeddings": False}),
