@@ -1,0 +1,146 @@
+"""Block-local reconstruction after the prune (a lever of the quality issue, development probe).
+
+The default prune repairs each block in closed form: a least-squares refit of down_proj (and o_proj where
+heads go) on the kept inputs. This probe measures what a few gradient steps on *all* of a pruned block's
+weights add, block by block, front to back, with the calibration tokens the prune used: each block is
+trained so that its output on the pruned model's stream matches the dense model's output of that block on
+the dense stream (the refit-to-dense target of `two_stream.py`, here by Adam instead of least squares).
+The first `--held-out` calibration samples are not trained on; the block's relative output error on them,
+before and after, is recorded per block, and a block whose held-out error grows keeps its old weights.
+
+    python benchmarks/block_reconstruction.py out/smollm2-135m-20pct --lr 1e-3 --epochs 1 \\
+        --out benchmarks/results/block_reconstruction_smollm2_20.json
+
+The pruned model is one llm-bip saved (its record names the dense model and the calibration); perplexity
+before and after on WikiText-2 @2048 (40 windows), WikiText-2 @128 and the Lee corpus @128 (150 windows).
+Not in the tool: a probe of whether the lever pays, and at what cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llm_bip import api
+from llm_bip.activations import BlockInputs, capture_block_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+MEASURES = ((WIKITEXT, 2048, 40), (WIKITEXT, 128, 150), ("lee", 128, 150))
+
+
+def _out(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def relative_error(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], layer: int,
+                   batches: range | list[int]) -> float:
+    """||block(x_p) - y_d||² / ||y_d - x_p||²: the output error as a share of what the dense block adds."""
+    kwargs = inputs.kwargs_for(layer)
+    num = den = 0.0
+    for i in batches:
+        x = inputs.hidden[i]
+        num += (_out(block, x, kwargs[i]) - targets[i]).pow(2).sum().item()
+        den += (targets[i] - x).pow(2).sum().item()
+    return num / den
+
+
+def train_block(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], layer: int, train: list[int],
+                epochs: float, lr: float) -> None:
+    """Adam with a cosine schedule on every parameter of the block, one calibration batch per step, on the
+    block's output error relative to what the dense block adds."""
+    kwargs = inputs.kwargs_for(layer)
+    params = list(block.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    steps = max(1, int(epochs * len(train)))
+    opt = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    generator = torch.Generator().manual_seed(layer)
+    order: list[int] = []
+    while len(order) < steps:
+        order += [train[j] for j in torch.randperm(len(train), generator=generator).tolist()]
+    with torch.enable_grad():
+        for i in order[:steps]:
+            x, y = inputs.hidden[i], targets[i]
+            loss = (_out(block, x, kwargs[i]) - y).pow(2).mean() / (y - x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def evaluate(loaded) -> dict[str, float]:
+    results = {}
+    for source, seq_len, windows in MEASURES:
+        r = api.evaluate(loaded, [source], [seq_len], max_windows=windows, dtype="float32", progress=False)
+        results.update({k: round(v["perplexity"], 3) for k, v in r.items()})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pruned", help="a model llm-bip pruned and saved")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training batches, per block")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--held-out", type=int, default=16, help="calibration samples measured on, not trained on")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    record = json.loads((Path(args.pruned) / "pruning_record.json").read_text())
+    dense = api.load(record["model"], weights_dtype="float32")
+    pruned = api.load(args.pruned, weights_dtype="float32")
+    cal = record["calibration"]
+    samples, _ = api.calibrate(dense, cal["source"], cal["num_samples"], cal["seq_len"], cal["seed"])
+    result = {"pruned": args.pruned, "model": record["model"], "removed_fraction": record["removed_fraction"],
+              "calibration": cal, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+              "held_out_samples": args.held_out, "before": evaluate(pruned)}
+    print("before", result["before"], flush=True)
+
+    adapter = dense.adapter
+    x_dense = capture_block_inputs(dense.model, adapter, samples, args.batch_size)
+    x_pruned = capture_block_inputs(pruned.model, pruned.adapter, samples, args.batch_size)
+    batches = len(x_dense.hidden)
+    held = list(range(args.held_out // args.batch_size))
+    train = list(range(len(held), batches))
+    blocks, start = [], time.perf_counter()
+    for layer, (dense_block, block) in enumerate(zip(adapter.blocks(dense.model), pruned.adapter.blocks(pruned.model),
+                                                     strict=True)):
+        with torch.no_grad():
+            y_dense = [_out(dense_block, h, k) for h, k in zip(x_dense.hidden, x_dense.kwargs_for(layer), strict=True)]
+        before = relative_error(block, x_pruned, y_dense, layer, held)
+        saved = {k: v.clone() for k, v in block.state_dict().items()}
+        train_block(block, x_pruned, y_dense, layer, train, args.epochs, args.lr)
+        after = relative_error(block, x_pruned, y_dense, layer, held)
+        kept = after < before
+        if not kept:
+            block.load_state_dict(saved)
+        blocks.append({"block": layer, "held_out_error_before": round(before, 5), "held_out_error_after": round(after, 5),
+                       "trained_weights_kept": kept})
+        print(blocks[-1], f"{time.perf_counter() - start:.0f} s", flush=True)
+        with torch.no_grad():
+            x_pruned = x_pruned.with_hidden([_out(block, h, k) for h, k in
+                                             zip(x_pruned.hidden, x_pruned.kwargs_for(layer), strict=True)])
+        x_dense = x_dense.with_hidden(y_dense)
+    result["reconstruction_seconds"] = round(time.perf_counter() - start, 1)
+    result["blocks"] = blocks
+    result["after"] = evaluate(pruned)
+    print("after", result["after"], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
