@@ -28,14 +28,15 @@ import torch
 from torch import nn
 
 from llm_bip import api
-from llm_bip.activations import BlockInputs, capture_block_inputs
+from llm_bip.activations import BlockInputs, capture_block_inputs, run_block
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
-MEASURES = ((WIKITEXT, 2048, 40), (WIKITEXT, 128, 150), ("lee", 128, 150))
+MEASURES = ((WIKITEXT, (2048, 128)), ("lee", (128,)))  # 40 windows at 2048, 150 at 128
 
 
 def _out(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One batch through a block, with gradients where enabled (`run_block` runs every batch without)."""
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -82,8 +83,9 @@ def train_block(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tenso
 
 def evaluate(loaded) -> dict[str, float]:
     results = {}
-    for source, seq_len, windows in MEASURES:
-        r = api.evaluate(loaded, [source], [seq_len], max_windows=windows, dtype="float32", progress=False)
+    for source, seq_lens in MEASURES:  # one tokenization per text
+        r = api.evaluate(loaded, [source], list(seq_lens), max_windows=lambda n: 40 if n == 2048 else 150,
+                         dtype="float32", progress=False)
         results.update({k: round(v["perplexity"], 3) for k, v in r.items()})
     return results
 
@@ -118,8 +120,8 @@ def main() -> None:
     blocks, start = [], time.perf_counter()
     for layer, (dense_block, block) in enumerate(zip(adapter.blocks(dense.model), pruned.adapter.blocks(pruned.model),
                                                      strict=True)):
-        with torch.no_grad():
-            y_dense = [_out(dense_block, h, k) for h, k in zip(x_dense.hidden, x_dense.kwargs_for(layer), strict=True)]
+        x_dense = run_block(dense_block, x_dense, layer=layer)  # the dense stream, one block on
+        y_dense = x_dense.hidden
         before = relative_error(block, x_pruned, y_dense, layer, held)
         saved = {k: v.clone() for k, v in block.state_dict().items()}
         train_block(block, x_pruned, y_dense, layer, train, args.epochs, args.lr)
@@ -130,10 +132,7 @@ def main() -> None:
         blocks.append({"block": layer, "held_out_error_before": round(before, 5), "held_out_error_after": round(after, 5),
                        "trained_weights_kept": kept})
         print(blocks[-1], f"{time.perf_counter() - start:.0f} s", flush=True)
-        with torch.no_grad():
-            x_pruned = x_pruned.with_hidden([_out(block, h, k) for h, k in
-                                             zip(x_pruned.hidden, x_pruned.kwargs_for(layer), strict=True)])
-        x_dense = x_dense.with_hidden(y_dense)
+        x_pruned = run_block(block, x_pruned, layer=layer)
     result["reconstruction_seconds"] = round(time.perf_counter() - start, 1)
     result["blocks"] = blocks
     result["after"] = evaluate(pruned)
