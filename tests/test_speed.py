@@ -97,6 +97,9 @@ def test_the_margin_plans_above_the_target():
     for margin in (-0.1, 1.0):
         with pytest.raises(LlmBipError, match="speed margin"):
             SpeedTarget(1.5, margin=margin).validate()
+    for bad in (0, 2.5):
+        with pytest.raises(LlmBipError, match="route samples"):
+            SpeedTarget(1.5, route_samples=bad).validate()
     # 9 of 10 blocks give 60 / 15 = 4x; 3.9x is in reach by itself but not with a 5% margin (4.095x)
     with pytest.raises(LlmBipError, match=r"planned for 4.09x.*lower --target-speedup or --speed-margin"):
         plan_speed(c, counts(c), PruneConfig(), fake_table(), SpeedTarget(3.9, route="depth"))
@@ -305,17 +308,26 @@ def test_the_default_route_prunes_by_each_and_keeps_the_best_on_held_out_text(cl
     assert speed["route"] == best["route"] and speed["ratio"] == best["ratio"]
     assert speed["remove_blocks"] == best["remove_blocks"]
     assert choice["held_out"]["windows"] > 0 and choice["held_out"]["overlap_with_calibration_tokens"] == 0
+    assert choice["trial_prunes_use"] == {"calibration_samples": 4, "of": 4, "which": "the first ones"}
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
     assert layers == 4 - best["remove_blocks"]
 
 
-def test_the_default_route_leaves_depth_out_where_width_options_are_given(cli_model, tmp_path):
+def test_the_default_route_leaves_depth_out_where_width_options_are_given(cli_model, tmp_path, monkeypatch):
+    from llm_bip import api
+
+    pruned_from = []  # the calibration samples each prune got: the routes' trials, then the chosen route's prune
+    real_prune = api.prune
+    monkeypatch.setattr(api, "prune", lambda lm, config, samples, *a, **k: (
+        pruned_from.append(samples.shape[0]), real_prune(lm, config, samples, *a, **k))[1])
     table = _fake_table_for(cli_model, tmp_path / "timing.json")
     out = tmp_path / "auto"
-    assert _prune(cli_model, out, "--target-speedup", "1.3", "--round-to", "4",
+    assert _prune(cli_model, out, "--target-speedup", "1.3", "--round-to", "4", "--route-samples", "2",
                   "--timing-table", str(table)) == 0
     choice = json.loads((out / "pruning_record.json").read_text())["speed_target"]["route_choice"]
     assert [c["route"] for c in choice["candidates"]] == ["width", "mixed"]
+    assert choice["trial_prunes_use"]["calibration_samples"] == 2 and choice["trial_prunes_use"]["of"] == 4
+    assert pruned_from == [2, 2, 4]
 
 
 def test_the_default_route_is_refused_for_a_streamed_model_with_what_to_do(cli_model, tmp_path, capsys):
@@ -334,6 +346,8 @@ def test_the_default_route_is_refused_for_a_streamed_model_with_what_to_do(cli_m
     (["--target-speedup", "1.3", "--remove-blocks", "1"], "leave out --remove-blocks"),
     (["--speed-mode", "decode"], "cannot apply without --target-speedup"),
     (["--target-speedup", "1.3", "--speed-route", "depth", "--depth-share", "0.3"], "applies to --speed-route mixed"),
+    (["--target-speedup", "1.3", "--speed-route", "width", "--route-samples", "8"], "applies to --speed-route auto"),
+    (["--route-samples", "8"], "cannot apply without --target-speedup"),
     (["--target-speedup", "0.5"], "factor above 1"),
     (["--target-speedup", "1.3", "--speed-route", "depth", "--allocation", "block-adaptive"], "whole blocks only"),
 ])

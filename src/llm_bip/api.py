@@ -204,6 +204,10 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
     ids = tokenize(loaded.tokenizer, load_text(calibration["source"], split="train"))
     held_out = calibration_held_out(ids, HELD_OUT_WINDOWS, calibration["num_samples"], calibration["seq_len"],
                                     calibration["seed"], loaded.adapter.window_bos(loaded.tokenizer))
+    # The trials prune from the first `route_samples` samples (a prune's time grows with them), the winner is
+    # pruned again from all of them by the caller; held-out windows avoid every sample either way.
+    trial_samples = samples if target.route_samples is None else samples[:target.route_samples]
+    trial_calibration = {**calibration, "num_samples": trial_samples.shape[0]}
     candidates, best = [], None
     routes = routes or PLANNED_ROUTES
     unknown = [r for r in routes if r not in PLANNED_ROUTES]
@@ -218,8 +222,9 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
             continue
         started = time.perf_counter()
         trial = copy.deepcopy(loaded)
-        log.info("speed route %s: pruning a copy by its plan to judge it", route)
-        prune(trial, planned, samples, calibration, batch_size=batch_size, dtype=dtype, progress=progress,
+        log.info("speed route %s: pruning a copy by its plan from %d of the %d calibration samples to judge it", route,
+                 trial_samples.shape[0], samples.shape[0])
+        prune(trial, planned, trial_samples, trial_calibration, batch_size=batch_size, dtype=dtype, progress=progress,
               rounding=_rounding_for(target, planned))
         judged = windows_perplexity(trial.model, held_out, f"held-out ({route})", window_batch_size(batch_size,
                                     held_out.shape[1]), dtype, progress=False)
@@ -238,6 +243,8 @@ def _choose_route(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget,
     planned, record, _ = best
     record["route_choice"] = {
         "by": "the lowest perplexity of each route's prune on held-out windows of the calibration text",
+        "trial_prunes_use": {"calibration_samples": trial_samples.shape[0], "of": samples.shape[0],
+                             "which": "the first ones"},
         "held_out": {"source": calibration["source"], "windows": held_out.shape[0], "seq_len": held_out.shape[1],
                      "overlap_with_calibration_tokens": 0},
         "candidates": candidates}

@@ -233,7 +233,11 @@ def _add_speed_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed-route", choices=ROUTES,
                    help=f"where the removal comes from (default {SpeedTarget.route}: each of width, mixed and depth is "
                         "planned and pruned, and the one with the lowest perplexity on held-out calibration text is "
-                        "kept, which costs three extra prunes; see docs/results.md §9)")
+                        "kept, which costs three extra prunes, each from the first --route-samples calibration "
+                        "samples; see docs/results.md §9)")
+    g.add_argument("--route-samples", type=_positive, metavar="N",
+                   help=f"auto route: the calibration samples (the first N) each candidate route's trial prune uses "
+                        f"(default {SpeedTarget.route_samples}; the chosen route is pruned again from all of them)")
     g.add_argument("--depth-share", type=float,
                    help=f"mixed route (and auto's mixed candidate): share of the removed parameters taken as whole "
                         f"blocks (default "
@@ -246,7 +250,7 @@ def _add_speed_target(p: argparse.ArgumentParser) -> None:
 
 
 SPEED_FIELDS = ("speed_mode", "speed_batch", "speed_seq_len", "speed_route", "depth_share", "speed_margin",
-                "timing_table")
+                "route_samples", "timing_table")
 PASS_FIELDS = ("speed_mode", "speed_batch", "speed_seq_len")  # the pass a target or round-to auto is for
 
 
@@ -268,9 +272,12 @@ def _speed_target(args):
         raise LlmBipError(f"--target-speedup decides how much to remove: leave out {', '.join(taken)}")
     if args.depth_share is not None and (args.speed_route or SpeedTarget.route) not in ("mixed", "auto"):
         raise LlmBipError("--depth-share applies to --speed-route mixed (or auto's mixed candidate) only")
+    if args.route_samples is not None and (args.speed_route or SpeedTarget.route) != "auto":
+        raise LlmBipError("--route-samples applies to --speed-route auto only (it sets the trial prunes that compare "
+                          "the routes)")
     fields = {"speedup": args.target_speedup, "mode": args.speed_mode, "batch": args.speed_batch,
               "seq_len": args.speed_seq_len, "route": args.speed_route, "depth_share": args.depth_share,
-              "margin": args.speed_margin}
+              "margin": args.speed_margin, "route_samples": args.route_samples}
     return SpeedTarget(**{k: v for k, v in fields.items() if v is not None}).validate()
 
 

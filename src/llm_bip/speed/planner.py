@@ -42,6 +42,7 @@ RATIO_STEP = 1e-4  # ratios are searched to this step (rounded up, so the target
 # one had a mean of 0.99 and a standard deviation of 2.8% (36 plans timed as whole models, docs/results.md §9):
 # a plan aimed exactly at the target misses it about half the time; 3 of the 36 fell more than 5% short.
 DEFAULT_MARGIN = 0.05
+DEFAULT_ROUTE_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class SpeedTarget:
     route: str = "auto"
     depth_share: float = 0.5  # mixed (and auto's mixed candidate): share of the removed parameters in whole blocks
     margin: float = DEFAULT_MARGIN  # the plan's predicted speed-up aims this fraction above `speedup`
+    # auto: the calibration samples (the first ones) each candidate route's trial prune uses; None: all of them.
+    # The winner is then pruned again with every sample (docs/results.md §9 measured that the choice holds).
+    route_samples: int | None = DEFAULT_ROUTE_SAMPLES
 
     @property
     def aim(self) -> float:
@@ -68,6 +72,9 @@ class SpeedTarget:
         check_pass(self.mode, self.batch, self.seq_len)
         if self.route not in ROUTES:
             raise LlmBipError(f"unknown speed route '{self.route}': use one of {', '.join(ROUTES)}")
+        if self.route_samples is not None and (not isinstance(self.route_samples, int) or self.route_samples < 1):
+            raise LlmBipError(f"route samples {self.route_samples}: give a number of calibration samples >= 1 for "
+                              "each candidate route's trial prune")
         if not 0 < self.depth_share < 1:
             raise LlmBipError(f"depth share {self.depth_share}: give a fraction in (0, 1) (mixed route)")
         return self
