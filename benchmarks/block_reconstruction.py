@@ -4,7 +4,8 @@ The default prune repairs each block in closed form: a least-squares refit of do
 heads go) on the kept inputs. This probe measures what a few gradient steps on *all* of a pruned block's
 weights add, block by block, front to back, with the calibration tokens the prune used: each block is
 trained so that its output on the pruned model's stream matches the dense model's output of that block on
-the dense stream (the refit-to-dense target of `two_stream.py`, here by Adam instead of least squares).
+the dense stream (the refit-to-dense target of `two_stream.py`, here by Adam instead of least squares), or with
+`--target local` the dense block's output on the pruned stream (what this block's own cut lost, nothing more).
 The first `--held-out` calibration samples are not trained on; the block's relative output error on them,
 before and after, is recorded per block, and a block whose held-out error grows keeps its old weights.
 
@@ -97,6 +98,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training batches, per block")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=16, help="calibration samples measured on, not trained on")
+    parser.add_argument("--target", choices=("dense-stream", "local"), default="dense-stream",
+                        help="what a block's output is trained towards: the dense block's output on the dense "
+                             "stream (it may also undo the error of the blocks before it), or the dense block's "
+                             "output on the pruned stream (only what this block's cut lost)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -107,7 +112,7 @@ def main() -> None:
     cal = record["calibration"]
     samples, _ = api.calibrate(dense, cal["source"], cal["num_samples"], cal["seq_len"], cal["seed"])
     result = {"pruned": args.pruned, "model": record["model"], "removed_fraction": record["removed_fraction"],
-              "calibration": cal, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+              "calibration": cal, "target": args.target, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
               "held_out_samples": args.held_out, "before": evaluate(pruned)}
     print("before", result["before"], flush=True)
 
@@ -121,7 +126,8 @@ def main() -> None:
     for layer, (dense_block, block) in enumerate(zip(adapter.blocks(dense.model), pruned.adapter.blocks(pruned.model),
                                                      strict=True)):
         x_dense = run_block(dense_block, x_dense, layer=layer)  # the dense stream, one block on
-        y_dense = x_dense.hidden
+        y_dense = (x_dense.hidden if args.target == "dense-stream"
+                   else run_block(dense_block, x_pruned, layer=layer).hidden)
         before = relative_error(block, x_pruned, y_dense, layer, held)
         saved = {k: v.clone() for k, v in block.state_dict().items()}
         train_block(block, x_pruned, y_dense, layer, train, args.epochs, args.lr)
