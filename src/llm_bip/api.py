@@ -132,8 +132,9 @@ def plan_for_speed(loaded: LoadedModel, config: PruneConfig, target: SpeedTarget
     """`config` with the amounts (ratio and whole blocks) that meet a speed target on `loaded`'s device by
     its timing table (measured once per device and model shape, cached), and what the record says about it.
     Route "auto" (the default) needs the calibration `samples` and their `calibration` description: it prunes
-    a copy of the model by each route (`routes`, default width, mixed and depth) and keeps the route whose prune
-    is best on held-out calibration text."""
+    a copy of the model by each route (`routes`, default width, mixed and depth) from the first
+    `target.route_samples` samples and keeps the route whose prune is best on held-out calibration text; the
+    caller then prunes by the returned config from all the samples."""
     from llm_bip.pipeline import costs_of
     from llm_bip.speed.timing import timing_table as device_timing
 
