@@ -318,8 +318,12 @@ def test_the_default_route_leaves_depth_out_where_width_options_are_given(cli_mo
 
     pruned_from = []  # the calibration samples each prune got: the routes' trials, then the chosen route's prune
     real_prune = api.prune
-    monkeypatch.setattr(api, "prune", lambda lm, config, samples, *a, **k: (
-        pruned_from.append(samples.shape[0]), real_prune(lm, config, samples, *a, **k))[1])
+
+    def counting_prune(lm, config, samples, *args, **kwargs):
+        pruned_from.append(samples.shape[0])
+        return real_prune(lm, config, samples, *args, **kwargs)
+
+    monkeypatch.setattr(api, "prune", counting_prune)
     table = _fake_table_for(cli_model, tmp_path / "timing.json")
     out = tmp_path / "auto"
     assert _prune(cli_model, out, "--target-speedup", "1.3", "--round-to", "4", "--route-samples", "2",
