@@ -117,17 +117,20 @@ def main() -> None:
     print("before", result["before"], flush=True)
 
     adapter = dense.adapter
-    x_dense = capture_block_inputs(dense.model, adapter, samples, args.batch_size)
+    # The dense stream is only needed as the dense-stream target; the local target runs the dense block on the
+    # pruned stream instead.
+    x_dense = (capture_block_inputs(dense.model, adapter, samples, args.batch_size)
+               if args.target == "dense-stream" else None)
     x_pruned = capture_block_inputs(pruned.model, pruned.adapter, samples, args.batch_size)
-    batches = len(x_dense.hidden)
+    batches = len(x_pruned.hidden)
     held = list(range(args.held_out // args.batch_size))
     train = list(range(len(held), batches))
     blocks, start = [], time.perf_counter()
     for layer, (dense_block, block) in enumerate(zip(adapter.blocks(dense.model), pruned.adapter.blocks(pruned.model),
                                                      strict=True)):
-        x_dense = run_block(dense_block, x_dense, layer=layer)  # the dense stream, one block on
-        y_dense = (x_dense.hidden if args.target == "dense-stream"
-                   else run_block(dense_block, x_pruned, layer=layer).hidden)
+        if x_dense is not None:
+            x_dense = run_block(dense_block, x_dense, layer=layer)  # the dense stream, one block on
+        y_dense = (x_dense if x_dense is not None else run_block(dense_block, x_pruned, layer=layer)).hidden
         before = relative_error(block, x_pruned, y_dense, layer, held)
         saved = {k: v.clone() for k, v in block.state_dict().items()}
         train_block(block, x_pruned, y_dense, layer, train, args.epochs, args.lr)
