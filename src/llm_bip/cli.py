@@ -270,9 +270,10 @@ def _speed_target(args):
     taken = _explicit(args, ("ratio", "depth_ratio", "remove_blocks")) + (["--plan"] if args.plan else [])
     if taken:
         raise LlmBipError(f"--target-speedup decides how much to remove: leave out {', '.join(taken)}")
-    if args.depth_share is not None and (args.speed_route or SpeedTarget.route) not in ("mixed", "auto"):
+    route = args.speed_route or SpeedTarget.route
+    if args.depth_share is not None and route not in ("mixed", "auto"):
         raise LlmBipError("--depth-share applies to --speed-route mixed (or auto's mixed candidate) only")
-    if args.route_samples is not None and (args.speed_route or SpeedTarget.route) != "auto":
+    if args.route_samples is not None and route != "auto":
         raise LlmBipError("--route-samples applies to --speed-route auto only (it sets the trial prunes that compare "
                           "the routes)")
     fields = {"speedup": args.target_speedup, "mode": args.speed_mode, "batch": args.speed_batch,
