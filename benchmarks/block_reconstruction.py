@@ -14,72 +14,26 @@ before and after, is recorded per block, and a block whose held-out error grows 
 
 The pruned model is one llm-bip saved (its record names the dense model and the calibration); perplexity
 before and after on WikiText-2 @2048 (40 windows), WikiText-2 @128 and the Lee corpus @128 (150 windows).
-Not in the tool: a probe of whether the lever pays, and at what cost.
+The training and the error are the tool's own (`llm_bip.reconstruction`); `--target local` is what `llm-bip
+prune --reconstruct` does inside the prune (there one calibration batch of the prune's --batch-size a step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from llm_bip import api
-from llm_bip.activations import BlockInputs, capture_block_inputs, run_block
+from llm_bip.activations import capture_block_inputs, run_block
+from llm_bip.reconstruction import Reconstruction, relative_error, train_block
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
 MEASURES = ((WIKITEXT, (2048, 128)), ("lee", (128,)))  # 40 windows at 2048, 150 at 128
-
-
-def _out(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One batch through a block, with gradients where enabled (`run_block` runs every batch without)."""
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def relative_error(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], layer: int,
-                   batches: range | list[int]) -> float:
-    """||block(x_p) - y_d||² / ||y_d - x_p||²: the output error as a share of what the dense block adds."""
-    kwargs = inputs.kwargs_for(layer)
-    num = den = 0.0
-    for i in batches:
-        x = inputs.hidden[i]
-        num += (_out(block, x, kwargs[i]) - targets[i]).pow(2).sum().item()
-        den += (targets[i] - x).pow(2).sum().item()
-    return num / den
-
-
-def train_block(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], layer: int, train: list[int],
-                epochs: float, lr: float) -> None:
-    """Adam with a cosine schedule on every parameter of the block, one calibration batch per step, on the
-    block's output error relative to what the dense block adds."""
-    kwargs = inputs.kwargs_for(layer)
-    params = list(block.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    steps = max(1, int(epochs * len(train)))
-    opt = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    generator = torch.Generator().manual_seed(layer)
-    order: list[int] = []
-    while len(order) < steps:
-        order += [train[j] for j in torch.randperm(len(train), generator=generator).tolist()]
-    with torch.enable_grad():
-        for i in order[:steps]:
-            x, y = inputs.hidden[i], targets[i]
-            loss = (_out(block, x, kwargs[i]) - y).pow(2).mean() / (y - x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-    for p in params:
-        p.requires_grad_(False)
 
 
 def evaluate(loaded) -> dict[str, float]:
@@ -131,10 +85,11 @@ def main() -> None:
         if x_dense is not None:
             x_dense = run_block(dense_block, x_dense, layer=layer)  # the dense stream, one block on
         y_dense = (x_dense if x_dense is not None else run_block(dense_block, x_pruned, layer=layer)).hidden
-        before = relative_error(block, x_pruned, y_dense, layer, held)
+        kwargs = x_pruned.kwargs_for(layer)
+        before = relative_error(block, x_pruned.hidden, y_dense, kwargs, held)
         saved = {k: v.clone() for k, v in block.state_dict().items()}
-        train_block(block, x_pruned, y_dense, layer, train, args.epochs, args.lr)
-        after = relative_error(block, x_pruned, y_dense, layer, held)
+        train_block(block, x_pruned.hidden, y_dense, kwargs, train, Reconstruction(args.lr, args.epochs), seed=layer)
+        after = relative_error(block, x_pruned.hidden, y_dense, kwargs, held)
         kept = after < before
         if not kept:
             block.load_state_dict(saved)

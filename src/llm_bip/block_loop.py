@@ -25,6 +25,7 @@ from llm_bip.activations import BlockInputs, full_precision, run_block, run_ffn_
 from llm_bip.adapters import FamilyAdapter
 from llm_bip.compensation import Compensator
 from llm_bip.plan import BlockPlan, select
+from llm_bip.reconstruction import Reconstruction, reconstruct_block
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring.base import BlockGeometry, BlockScores, Scorer
 from llm_bip.stats import BlockStats, StatsRequest, collect_block_stats
@@ -110,13 +111,17 @@ class Checkpoint(Protocol):
 def prune_blocks(
     source: BlockSource, adapter: FamilyAdapter, inputs: BlockInputs | None, selection: Selection,
     compensator: Compensator, start: int = 0, result: LoopResult | None = None, checkpoint: Checkpoint | None = None,
-    progress: bool = True,
+    progress: bool = True, reconstruction: Reconstruction | None = None, seed: int = 0,
 ) -> LoopResult:
-    """Walk the blocks from `start`: statistics → scores → select → compensate → cut → next inputs.
+    """Walk the blocks from `start`: statistics → scores → select → compensate → cut → (reconstruct) → next
+    inputs.
 
     `inputs` is None when nothing needs activations (a saved plan or parallel scores, with a
     compensation that needs none); then each block is only selected, compensated from the table's means
-    and cut."""
+    and cut. With `reconstruction`, every cut block is then trained towards the dense block's outputs on the
+    same inputs (reconstruction.py), and its compensation record says how that went."""
+    if reconstruction is not None and inputs is None:
+        raise ValueError("block reconstruction trains on the calibration activations: the loop needs inputs")
     result = result or LoopResult()
     result.depth = selection.depth
     removed = selection.removed
@@ -163,9 +168,10 @@ def prune_blocks(
             own = StatsRequest(block_energies=selection.scores_every_unit, ffn_inputs=ffn_pass)
             request = (scorer.stats_request() if scorer else StatsRequest()).union(
                 compensator.stats_request(geometry, target, inputs.num_tokens)).union(own)
-            # Sequential calibration passes the pruned block's outputs on, so the dense ones are not kept.
+            # Sequential calibration passes the pruned block's outputs on, so the dense ones are kept only as
+            # the target of a reconstruction.
             stats, dense_out = collect_block_stats(block, parts, inputs, request, layer, geometry.group_width,
-                                                   keep_outputs=not selection.sequential)
+                                                   keep_outputs=not selection.sequential or reconstruction is not None)
         if selection.fixed is not None:
             plan = selection.fixed[layer]
         else:
@@ -180,6 +186,9 @@ def prune_blocks(
         result.compensation.append(compensator.compensate(adapter, block, plan, stats, inputs))
         if plan.widths != geometry.widths:
             cut_block(adapter, block, plan)
+            if reconstruction is not None:
+                result.compensation[-1]["reconstruction"] = reconstruct_block(block, inputs, dense_out, layer,
+                                                                              reconstruction, seed)
         if inputs is not None:
             if not selection.sequential:
                 inputs = dense_out

@@ -14,6 +14,7 @@ from llm_bip.allocation import ALLOCATIONS, AllocationConfig
 from llm_bip.compensation import COMPENSATIONS, BiasCompensation, Compensator, RefitCompensation
 from llm_bip.errors import LlmBipError
 from llm_bip.plan import GQA_MODES
+from llm_bip.reconstruction import Reconstruction
 from llm_bip.scoring import LIPSCHITZ_VARIANTS, SCORERS, Scorer, make_scorer
 
 CALIBRATION_MODES = ("parallel", "sequential")
@@ -76,6 +77,12 @@ class PruneConfig:
     # lowest block score first, from the prunable layers.
     depth_ratio: float = 0.0
     remove_blocks: int = 0
+    # Block reconstruction (reconstruction.py): after its refit, each cut block is trained towards the dense
+    # block's outputs by Adam at this peak rate, for this many passes over the calibration batches. Off by
+    # default: it pays at every ratio measured, at about twice the prune's time.
+    reconstruct: bool = False
+    reconstruct_lr: float = 1e-3
+    reconstruct_epochs: float = 1.0
     seed: int = 0
 
     def validate(self) -> PruneConfig:
@@ -140,6 +147,10 @@ class PruneConfig:
                               "--calibration-mode parallel")
         if self.allocation == "flap" and self.round_to != 1:
             raise LlmBipError("flap allocation does not round widths: use round-to 1")
+        self.reconstruction_settings()  # checks the rate and the passes
+        if self.reconstruct and self.ratio is None:
+            raise LlmBipError("--reconstruct trains the blocks that width pruning cut, and this prune removes whole "
+                              "blocks only: give --ratio, or drop --reconstruct")
         return self
 
     def validate_for(self, num_blocks: int) -> PruneConfig:
@@ -213,6 +224,13 @@ class PruneConfig:
         if self.refit_intercept != "auto" or adapter is None:
             return {p: self.refit_intercept != "never" for p in ("o_proj", "down_proj")}
         return {p: adapter.can_hold_output_bias(p) for p in ("o_proj", "down_proj")}
+
+    def reconstruction(self) -> Reconstruction | None:
+        """The reconstruction stage's settings, or None when it is off."""
+        return self.reconstruction_settings() if self.reconstruct else None
+
+    def reconstruction_settings(self) -> Reconstruction:
+        return Reconstruction(self.reconstruct_lr, self.reconstruct_epochs)
 
     @property
     def sequential(self) -> bool:

@@ -35,6 +35,7 @@ from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel
 from llm_bip.params import BlockCosts, block_costs, count_parameters, counts_from_costs
 from llm_bip.plan import BlockPlan, PruningPlan, select
+from llm_bip.reconstruction import Reconstruction
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import Scorer
 from llm_bip.scoring.base import BlockGeometry
@@ -230,9 +231,10 @@ def catch_inputs(loaded: LoadedModel, samples: torch.Tensor, batch_size: int,
 def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, selection: Selection,
          compensator: Compensator, source: BlockSource | None = None, progress: bool = True,
          checkpoint: Checkpoint | None = None, resume: Resume | None = None,
-         spill_dir: Path | None = None) -> LoopResult:
+         spill_dir: Path | None = None, reconstruction: Reconstruction | None = None, seed: int = 0) -> LoopResult:
     """Run the one block loop over `loaded`, with calibration activations if anything needs them."""
-    needs_activations = selection.scores_in_loop() or compensator.needs_activations(selection.table is not None)
+    needs_activations = (selection.scores_in_loop() or compensator.needs_activations(selection.table is not None)
+                         or reconstruction is not None)
     inputs = None
     if needs_activations:
         if samples is None:
@@ -250,7 +252,7 @@ def walk(loaded: LoadedModel, samples: torch.Tensor | None, batch_size: int, sel
             inputs = inputs.with_hidden([inputs.keep(h.to(loaded.device)) for h in resume.hidden])
     with out_of_memory_is_an_error(loaded.device, "pruning"):
         return prune_blocks(source or blocks_of(loaded), loaded.adapter, inputs, selection, compensator, start,
-                            result, checkpoint, progress)
+                            result, checkpoint, progress, reconstruction, seed)
 
 
 @torch.no_grad()
@@ -433,7 +435,8 @@ def prune(
     start = time.perf_counter()
     if resume is not None:
         compensator.load_state(resume.compensator_state)
-    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint, resume, spill_dir)
+    result = walk(loaded, samples, batch_size, selection, compensator, source, progress, checkpoint, resume, spill_dir,
+                  config.reconstruction(), config.seed)
     timings["prune"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
     blocks: list[BlockPlan] = result.plans
@@ -453,6 +456,8 @@ def prune(
         "source_fingerprint": fingerprint,
         "timings_seconds": timings,
     }
+    if config.reconstruct:
+        report["reconstruction"] = reconstruction_summary(config, result.compensation)
     if rounding is not None:
         report["rounding"] = rounding
     if measured is not None:
@@ -473,11 +478,20 @@ def _check_rounding(widths_too: bool, rounder: Timer | None) -> None:
                           "the CLI, or pass pipeline.prune a rounder (speed.rounding.device_timer)")
 
 
+def reconstruction_summary(config: PruneConfig, blocks: list[dict]) -> dict:
+    """The record's account of the reconstruction stage (each block's own is in its compensation entry)."""
+    trained = [b["reconstruction"] for b in blocks if "reconstruction" in b]
+    return {"lr": config.reconstruct_lr, "epochs": config.reconstruct_epochs,
+            "target": "the dense block's outputs on the same inputs", "blocks_trained": len(trained),
+            "blocks_kept": sum(t["trained_weights_kept"] for t in trained),
+            "seconds": round(sum(t["seconds"] for t in trained), 1)}
+
+
 def _applied_config(config: PruneConfig) -> dict:
     """What of the config applies on top of a saved plan."""
     return {k: v for k, v in config.to_json().items()
             if k in ("calibration_mode", "compensation", "refit_damping", "attn_refit_damping", "refit_target",
-                     "refit_intercept", "seed")}
+                     "refit_intercept", "reconstruct", "reconstruct_lr", "reconstruct_epochs", "seed")}
 
 
 def widths_of(loaded: LoadedModel) -> list[BlockWidths]:
