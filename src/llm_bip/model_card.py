@@ -333,6 +333,12 @@ def _method(record: dict) -> str:
     if compensation:
         target = f", refit target `{options['refit_target']}`" if compensation == "refit" and options.get("refit_target") else ""
         items.append(f"compensation: `{compensation}`{target}")
+    reconstruction = record.get("reconstruction")
+    if reconstruction:
+        items.append(f"block reconstruction: each cut block trained towards the dense block's outputs (Adam, lr "
+                     f"{reconstruction['lr']}, {reconstruction['epochs']} pass(es)); the trained weights kept in "
+                     f"{reconstruction['blocks_kept']} of {reconstruction['blocks_trained']} blocks (the others' "
+                     "held-out error did not fall)")
     calibration = record.get("calibration") or {}
     if calibration.get("source"):
         items.append(f"calibration: `{calibration['source']}` × {calibration.get('num_samples', '?')} samples × "
