@@ -457,7 +457,9 @@ def prune(
         "timings_seconds": timings,
     }
     if config.reconstruct:
-        report["reconstruction"] = reconstruction_summary(config, result.compensation)
+        report["reconstruction"] = summary = reconstruction_summary(config, result.compensation)
+        log.info("block reconstruction: the trained weights kept in %d of %d blocks (the others' held-out error "
+                 "did not fall), %.0f s", summary["blocks_kept"], summary["blocks_trained"], summary["seconds"])
     if rounding is not None:
         report["rounding"] = rounding
     if measured is not None:
