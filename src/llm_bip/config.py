@@ -79,7 +79,7 @@ class PruneConfig:
     remove_blocks: int = 0
     # Block reconstruction (reconstruction.py): after its refit, each cut block is trained towards the dense
     # block's outputs by Adam at this peak rate, for this many passes over the calibration batches. Off by
-    # default: it pays at every ratio measured, at about twice the prune's time.
+    # default: better at 20% and 50% on SmolLM2 without training, with the prune taking 1.7-2.2x its time.
     reconstruct: bool = False
     reconstruct_lr: float = 1e-3
     reconstruct_epochs: float = 1.0

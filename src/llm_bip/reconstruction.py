@@ -13,8 +13,10 @@ measured before and after, and a block whose held-out error does not fall keeps 
 stage never makes a block worse on text it did not train on. Training runs on a float32 copy of the block,
 outside any autocast, whatever the checkpoint's dtype; the trained weights are copied back in that dtype.
 
-Measured on SmolLM2 (docs/results.md §11, "Block reconstruction in the prune"): it pays at 20%, 30% and 50%,
-more the more is cut, at about twice the prune's own time, so it is an option (`--reconstruct`), not the default.
+Measured on SmolLM2 (docs/results.md §11, "Block reconstruction in the prune"): better without training at 20% and
+50% on every text (at 30% too, in the probe that preceded it), more the more is cut, with the prune taking
+1.7-2.2× its time; after 30 minutes of LoRA recovery in all, a tie. So it is an option (`--reconstruct`), not the
+default.
 """
 
 from __future__ import annotations
