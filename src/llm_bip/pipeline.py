@@ -35,7 +35,7 @@ from llm_bip.fingerprint import fingerprint_of
 from llm_bip.loading import LoadedModel
 from llm_bip.params import BlockCosts, block_costs, count_parameters, counts_from_costs
 from llm_bip.plan import BlockPlan, PruningPlan, select
-from llm_bip.reconstruction import Reconstruction
+from llm_bip.reconstruction import Reconstruction, split_batches
 from llm_bip.score_table import ScoreTable
 from llm_bip.scoring import Scorer
 from llm_bip.scoring.base import BlockGeometry
@@ -364,6 +364,8 @@ def prune(
     blocks go: nothing is cut inside the others, so nothing is compensated. With `config.round_to` "auto",
     `rounder` times the FFN at the widths it is asked (speed.rounding.device_timer)."""
     config.validate_for(loaded.adapter.num_blocks)
+    if config.reconstruct and samples is not None:
+        split_batches(math.ceil(len(samples) / batch_size))  # enough batches to hold one out, before any pass
     model, adapter = loaded.model, loaded.adapter
     started = time.perf_counter()
     timings: dict[str, float] = {}
